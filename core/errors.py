@@ -1,0 +1,76 @@
+"""Flat domain exceptions.
+
+Every failure a caller can act on is one of these. Provider errors (minio, redis) are
+translated where they are caught, so nothing above the storage/queue layer ever sees them.
+The API maps each class to an HTTP status in one table (api/errors.py).
+"""
+
+from __future__ import annotations
+
+
+class PicstreamError(Exception):
+    """Base of every domain error. `detail` is safe to show to the client."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BadRequest(PicstreamError):
+    """The request itself is malformed (bad id, bad header, malformed multipart body)."""
+
+
+class EmptyBody(PicstreamError):
+    """The upload carried no bytes."""
+
+
+class NotAnImage(PicstreamError):
+    """The bytes start with no image signature we know."""
+
+
+class UnsupportedFormat(PicstreamError):
+    """A known image format that this deployment does not accept (workers cannot decode it)."""
+
+
+class CorruptImage(PicstreamError):
+    """The format is known but its header is invalid (bad checksum, zero or absurd size...)."""
+
+
+class TooLarge(PicstreamError):
+    """Declared or counted body size above the configured limit."""
+
+
+class TooManyPixels(PicstreamError):
+    """Dimensions above the configured pixel limit (decompression-bomb guard)."""
+
+
+class DigestMismatch(PicstreamError):
+    """The client-supplied digest does not match the bytes received."""
+
+
+class ClientTimeout(PicstreamError):
+    """The client stalled mid-body longer than the read timeout."""
+
+
+class ClientDisconnected(PicstreamError):
+    """The body ended before the declared length (the client went away)."""
+
+
+class Unauthorized(PicstreamError):
+    """Missing or wrong API key."""
+
+
+class NotFound(PicstreamError):
+    """No such image for this owner (also what another owner's image looks like)."""
+
+
+class Conflict(PicstreamError):
+    """A different image already exists under this id."""
+
+
+class StorageUnavailable(PicstreamError):
+    """The S3 store failed or could not be reached."""
+
+
+class QueueUnavailable(PicstreamError):
+    """Redis failed or could not be reached."""
