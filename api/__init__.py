@@ -1,0 +1,1 @@
+"""HTTP layer: the falcon app, its resources and request parsing."""

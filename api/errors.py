@@ -1,0 +1,98 @@
+"""RFC 9457 problem details: one table from domain errors to HTTP, one serializer.
+
+Nothing internal leaks: unexpected exceptions become a bare 500 problem and are logged with
+their traceback server-side only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import falcon
+
+from core import errors as e
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:picstream:problem:"
+
+# exception class -> (status, problem type slug, title)
+TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
+    e.BadRequest: (400, "bad-request", "Bad request"),
+    e.EmptyBody: (400, "empty-body", "Empty body"),
+    e.ClientDisconnected: (400, "incomplete-body", "Incomplete request body"),
+    e.Unauthorized: (401, "unauthorized", "Missing or invalid API key"),
+    e.NotFound: (404, "not-found", "Not found"),
+    e.ClientTimeout: (408, "body-timeout", "Request body timed out"),
+    e.Conflict: (409, "conflict", "Conflict"),
+    e.TooLarge: (413, "too-large", "Upload too large"),
+    e.NotAnImage: (415, "not-an-image", "Not an image"),
+    e.UnsupportedFormat: (415, "unsupported-format", "Unsupported image format"),
+    e.CorruptImage: (422, "corrupt-image", "Corrupt image header"),
+    e.TooManyPixels: (422, "too-many-pixels", "Image dimensions above the limit"),
+    e.DigestMismatch: (422, "digest-mismatch", "Digest mismatch"),
+    e.StorageUnavailable: (503, "storage-unavailable", "Storage unavailable"),
+    e.QueueUnavailable: (503, "queue-unavailable", "Queue unavailable"),
+}
+
+# After these the rest of the request body may still be unread: close the connection rather
+# than let the server drain (or misparse) it as the next request.
+_CLOSE = (
+    e.ClientDisconnected,
+    e.ClientTimeout,
+    e.TooLarge,
+    e.NotAnImage,
+    e.UnsupportedFormat,
+    e.CorruptImage,
+    e.TooManyPixels,
+    e.EmptyBody,
+    e.BadRequest,
+    e.Conflict,
+    e.StorageUnavailable,
+    e.QueueUnavailable,
+)
+
+
+def problem(status: int, slug: str, title: str, detail: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": TYPE_PREFIX + slug, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    return body
+
+
+def respond_problem(resp: falcon.Response, body: dict[str, Any]) -> None:
+    resp.status = falcon.code_to_http_status(body["status"])
+    resp.content_type = PROBLEM_JSON
+    resp.text = json.dumps(body)
+
+
+def handle_domain(
+    req: falcon.Request, resp: falcon.Response, ex: e.PicstreamError, params: dict[str, Any]
+) -> None:
+    status, slug, title = TABLE.get(type(ex), (500, "internal", "Internal error"))
+    if status >= 500:
+        log.warning("%s %s -> %d: %s", req.method, req.path, status, ex.detail)
+    respond_problem(resp, problem(status, slug, title, ex.detail))
+    if isinstance(ex, e.Unauthorized):
+        resp.set_header("WWW-Authenticate", 'Bearer realm="picstream"')
+    if isinstance(ex, _CLOSE):
+        resp.set_header("Connection", "close")
+
+
+def handle_unexpected(
+    req: falcon.Request, resp: falcon.Response, ex: Exception, params: dict[str, Any]
+) -> None:
+    if isinstance(ex, falcon.HTTPError):  # falcon's own (404 route, 405...): keep them
+        raise ex
+    log.exception("unhandled error in %s %s", req.method, req.path)
+    respond_problem(resp, problem(500, "internal", "Internal server error"))
+    resp.set_header("Connection", "close")
+
+
+def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
+    """falcon's own errors (unknown route, wrong method...) as problem+json too."""
+    slug = ex.title.lower().replace(" ", "-") if ex.title else "error"
+    respond_problem(resp, problem(ex.status_code, slug, ex.title or "Error", ex.description))

@@ -1,0 +1,171 @@
+"""The upload use case: body -> S3 object + bucket record copy + Redis record + queued job.
+
+No HTTP here (api/resources.py adapts it). The order of the steps is what guarantees "no half
+state": the original and its JSON copy are written first; the Redis record and the job are
+committed last, in one transaction; if that commit fails the objects are deleted again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from rq import Queue
+
+from api.body import UploadBody
+from core.errors import Conflict, PicstreamError, TooLarge
+from core.ingest import Ingest, Ingested, Limits, NullSink, Reader
+from core.jobs import enqueue_convert
+from core.models import ImageRecord, new_image_id, original_key, record_key, utc_now
+from core.records import Records
+from core.settings import Settings
+from core.sink import ObjectSink
+from core.storage import Store
+
+log = logging.getLogger(__name__)
+
+# A multipart envelope may exceed the image by its headers and skipped fields.
+_SLACK = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """The collaborators of the web process, built once per worker process after fork."""
+
+    settings: Settings
+    store: Store
+    records: Records
+    queue: Queue
+    executor: Executor
+
+
+class Uploads:
+    def __init__(self, services: Services) -> None:
+        self.s = services
+        settings = services.settings
+        self.limits = Limits(
+            part_size=settings.part_size,
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_pixels,
+            max_head=settings.max_head_bytes,
+            allowed_formats=settings.allowed_formats,
+        )
+        # A PUT's id stays claimed while its body streams; refreshed as bytes arrive, so
+        # it lapses soon after a crashed process stops refreshing it.
+        self.reserve_ttl = int(max(60, 4 * settings.read_timeout))
+
+    def create(self, owner: str, body: UploadBody, digests: Mapping[str, bytes]) -> ImageRecord:
+        """POST: a new image under a server-chosen id."""
+        self._check_envelope(body)
+        return self._store_new(owner, new_image_id(), body, body.read, digests)
+
+    def put(
+        self, owner: str, image_id: str, body: UploadBody, digests: Mapping[str, bytes]
+    ) -> tuple[ImageRecord, bool]:
+        """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record;
+        different bytes under an existing id -> Conflict."""
+        self._check_envelope(body)
+        records = self.s.records
+        if not records.exists(owner, image_id):
+            if not records.reserve(owner, image_id, self.reserve_ttl):
+                raise Conflict(f"an upload to image {image_id!r} is already in progress")
+            try:
+                # Re-check under the reservation: a concurrent PUT may have just committed.
+                if not records.exists(owner, image_id):
+                    read = self._keep_reserved(owner, image_id, body.read)
+                    return self._store_new(owner, image_id, body, read, digests), True
+            finally:
+                records.release(owner, image_id)
+        return self._same_or_conflict(records.get(owner, image_id), body, digests), False
+
+    def _store_new(
+        self,
+        owner: str,
+        image_id: str,
+        body: UploadBody,
+        read: Reader,
+        digests: Mapping[str, bytes],
+    ) -> ImageRecord:
+        key = original_key(owner, image_id)
+        meta = {"picstream-owner": owner, "picstream-id": image_id}
+        sink = ObjectSink(self.s.store, key, self.s.executor, meta)
+        ingested = Ingest(read, self.limits, sink, body.declared_size, digests).run()
+        record = _new_record(owner, image_id, ingested, body.filename)
+        try:
+            self.s.store.put_json(record_key(owner, image_id), record.to_dict())
+            queue = self.s.queue
+            self.s.records.create(
+                record, lambda pipe: enqueue_convert(queue, owner, image_id, pipe)
+            )
+        except BaseException:
+            self._discard(owner, image_id, sink)
+            raise
+        log.info(
+            "stored %s/%s: %s %d bytes %sx%s",
+            owner,
+            image_id,
+            record.format,
+            record.size,
+            record.width,
+            record.height,
+        )
+        return record
+
+    def _same_or_conflict(
+        self, existing: ImageRecord, body: UploadBody, digests: Mapping[str, bytes]
+    ) -> ImageRecord:
+        if body.declared_size is not None and body.declared_size != existing.size:
+            raise Conflict(f"image {existing.id!r} already exists with different content")
+        ingested = Ingest(body.read, self.limits, NullSink(), body.declared_size, digests).run()
+        if ingested.blake3 != existing.blake3 or ingested.size != existing.size:
+            raise Conflict(f"image {existing.id!r} already exists with different content")
+        return existing
+
+    def _discard(self, owner: str, image_id: str, sink: ObjectSink) -> None:
+        sink.discard()
+        try:
+            self.s.store.delete(record_key(owner, image_id))
+        except PicstreamError as exc:
+            log.warning("could not delete the record copy of %s/%s: %s", owner, image_id, exc)
+
+    def _check_envelope(self, body: UploadBody) -> None:
+        """A multipart envelope far larger than the limit can only hold a too-large file."""
+        length = body.request_length
+        if body.declared_size is None and length and length > self.limits.max_bytes + _SLACK:
+            raise TooLarge(f"the body is larger than the limit of {self.limits.max_bytes} bytes")
+
+    def _keep_reserved(self, owner: str, image_id: str, read: Reader) -> Reader:
+        """Refresh the id reservation every so often while the body streams."""
+        every = self.reserve_ttl / 4
+        last = time.monotonic()
+
+        def read_and_refresh(n: int) -> bytes:
+            nonlocal last
+            chunk = read(n)
+            now = time.monotonic()
+            if now - last > every:
+                last = now
+                self.s.records.extend(owner, image_id, self.reserve_ttl)
+            return chunk
+
+        return read_and_refresh
+
+
+def _new_record(owner: str, image_id: str, ingested: Ingested, filename: str | None) -> ImageRecord:
+    sniffed = ingested.sniffed
+    return ImageRecord(
+        id=image_id,
+        owner=owner,
+        size=ingested.size,
+        blake3=ingested.blake3,
+        format=sniffed.format,
+        content_type=sniffed.content_type,
+        width=sniffed.width,
+        height=sniffed.height,
+        orientation=sniffed.orientation,
+        filename=filename,
+        created_at=utc_now(),
+    )

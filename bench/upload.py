@@ -1,0 +1,195 @@
+"""Upload throughput and memory: the API against the minio SDK alone, same run, same store.
+
+    .venv/bin/python -m bench.upload [--mib 1024] [--rounds 2]
+
+Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback, then per
+round: (a) the SDK's put_object of the stream straight to the store; (b) the same bytes
+through the API with Content-Length; (c) chunked; (d) the API's ingest loop alone (hash +
+sniff into a null sink, no network). Prints MiB/s, the ratio (b)/(a) and the gunicorn
+worker's RSS before and at its peak during (b)/(c). The machine is shared and noisy: compare
+ratios within a run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from core.ingest import Ingest, Limits, NullSink
+from core.settings import Settings
+from core.storage import Store
+from tests import servers
+from tests.http import Api
+from tests.images import Body
+
+MiB = 1024 * 1024
+KEY = "bench-key-0123456789abcdef"
+
+
+class StreamReader:
+    """A file-like read(n) over a Body's pieces (what the SDK and the ingest loop consume)."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self.pieces = pieces
+        self.buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while len(self.buf) < n:
+            try:
+                self.buf += next(self.pieces)
+            except StopIteration:
+                break
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakRss:
+    """Samples a process's RSS every 20 ms while the block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid))
+            time.sleep(0.02)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1024, help="body size in MiB")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--part-mib", type=int, default=16)
+    args = parser.parse_args()
+    size = args.mib * MiB
+    part = args.part_mib * MiB
+    body = Body(size, piece=MiB)
+
+    with tempfile.TemporaryDirectory(prefix="picstream-bench-") as tmp:
+        work = Path(tmp)
+        redis = servers.start_redis(work / "redis")
+        s3 = servers.start_seaweedfs(work / "s3")
+        web = None
+        try:
+            env = {
+                "PORT": str(servers.free_port()),
+                "REDIS_URL": redis.extra["url"],
+                "S3_ENDPOINT": s3.extra["endpoint"],
+                "S3_ACCESS_KEY": servers.S3_KEY,
+                "S3_SECRET_KEY": servers.S3_SECRET,
+                "S3_BUCKET": "bench",
+                "PICSTREAM_API_KEYS": f"bench:{KEY}",
+                "PICSTREAM_PART_SIZE": str(part),
+                "PICSTREAM_MAX_UPLOAD_BYTES": str(size + MiB),
+                "PICSTREAM_WEB_WORKERS": "1",
+                "PICSTREAM_WEB_THREADS": "4",
+                "PICSTREAM_LOG_LEVEL": "warning",
+                "PICSTREAM_READ_TIMEOUT": "60",
+            }
+            settings = Settings.from_env(env)
+            store = Store.from_settings(settings)
+            store.ensure_bucket()
+            web = servers.start_gunicorn(env, work / "web")
+            api = Api("127.0.0.1", web.port, KEY)
+            time.sleep(1)
+            (worker_pid,) = servers.worker_pids(web)
+            run_rounds(args.rounds, size, part, body, store, api, worker_pid, settings)
+        finally:
+            for server in (web, s3, redis):
+                if server:
+                    server.stop()
+
+
+def run_rounds(
+    rounds: int,
+    size: int,
+    part: int,
+    body: Body,
+    store: Store,
+    api: Api,
+    worker_pid: int,
+    settings: Settings,
+) -> None:
+    results: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d")}
+    peaks: list[int] = []
+    baseline = rss_kib(worker_pid)
+    limits = Limits(
+        part, size + MiB, settings.max_pixels, settings.max_head_bytes, settings.allowed_formats
+    )
+
+    def sdk() -> None:
+        store.client.put_object(
+            store.bucket, "sdk/original", StreamReader(iter(body)), length=-1, part_size=part
+        )
+
+    def through_api(chunked: bool) -> None:
+        headers = {} if chunked else {"Content-Length": str(size)}
+        resp = api.upload(iter(body), chunked=chunked, headers=headers)
+        assert resp.status == 201, resp.body
+        assert resp.json["blake3"] == body.blake3
+
+    def ingest_only() -> None:
+        Ingest(StreamReader(iter(body)).read, limits, NullSink()).run()
+
+    for n in range(rounds):
+        results["a"].append(timed(sdk))
+        for label, chunked in (("b", False), ("c", True)):
+            with PeakRss(worker_pid) as peak:
+                results[label].append(timed(lambda c=chunked: through_api(c)))
+            peaks.append(peak.peak)
+        results["d"].append(timed(ingest_only))
+        print(
+            f"round {n + 1}: "
+            + "  ".join(f"({k}) {size / MiB / v[-1]:.0f} MiB/s" for k, v in results.items()),
+            flush=True,
+        )
+
+    mibs = {k: size / MiB / statistics.median(v) for k, v in results.items()}
+    print(f"\n{size // MiB} MiB body, {part // MiB} MiB parts, {rounds} rounds (median)")
+    print(f"(a) minio SDK put_object to the store   {mibs['a']:8.1f} MiB/s")
+    print(f"(b) through the API, Content-Length     {mibs['b']:8.1f} MiB/s")
+    print(f"(c) through the API, chunked            {mibs['c']:8.1f} MiB/s")
+    print(f"(d) ingest alone (hash + sniff, null)   {mibs['d']:8.1f} MiB/s")
+    print(
+        f"ratio (b)/(a) = {mibs['b'] / mibs['a']:.2f}   (c)/(a) = {mibs['c'] / mibs['a']:.2f}"
+        "   target (b)/(a) >= 1.0"
+    )
+    growth = max(peaks) - baseline
+    print(
+        f"gunicorn worker RSS: {baseline / 1024:.0f} MiB before, peak {max(peaks) / 1024:.0f} MiB"
+        f" -> growth {growth / 1024:.0f} MiB = {growth * 1024 / part:.1f} x part size"
+        "   target <= 3.0"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The image record: the one wire contract shared by Redis, the bucket copy, the API and jobs.
+
+A record is immutable; changes make a new one with `dataclasses.replace`. `to_dict` gives the
+JSON form used everywhere (the API adds links on top of it, nothing else).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from core.errors import BadRequest
+
+Status = Literal["processing", "ready", "failed"]
+VariantStatus = Literal["pending", "ready", "failed"]
+
+IMAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_FILENAME_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One rendition of an image (written by the worker)."""
+
+    name: str
+    status: VariantStatus = "pending"
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None
+    blake3: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Variant:
+        fields: dict[str, Any] = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    id: str
+    owner: str
+    size: int
+    blake3: str
+    format: str
+    content_type: str
+    width: int | None
+    height: int | None
+    orientation: int
+    filename: str | None
+    created_at: str
+    status: Status = "processing"
+    profile: str = "default"
+    error: str | None = None
+    variants: tuple[Variant, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["variants"] = [asdict(v) for v in self.variants]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageRecord:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["variants"] = tuple(Variant.from_dict(v) for v in data.get("variants", ()))
+        return cls(**fields)
+
+
+def validate_image_id(value: str) -> str:
+    """A client-chosen id: `[A-Za-z0-9_-]{1,64}`, anything else is a 400."""
+    if not IMAGE_ID_RE.fullmatch(value):
+        raise BadRequest("image id must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+    return value
+
+
+def new_image_id() -> str:
+    """A server-chosen id that sorts by creation time: 10 chars of milliseconds + 16 random."""
+    ms = time.time_ns() // 1_000_000
+    stamp = "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -1, -5))
+    return stamp + secrets.token_hex(8)
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC with millisecond precision, e.g. 2026-11-21T12:00:00.000Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def clean_filename(raw: str | None) -> str | None:
+    """Keep a client's file name for display only: last path segment, printable, bounded.
+
+    The name never reaches an object key; the serving side escapes it again for headers.
+    """
+    if not raw:
+        return None
+    name = unicodedata.normalize("NFC", raw).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    if name in ("", ".", ".."):
+        return None
+    return name[:_FILENAME_MAX]
+
+
+# Object keys. Only validated owners (settings) and ids (IMAGE_ID_RE) ever reach these.
+def original_key(owner: str, image_id: str) -> str:
+    return f"{owner}/{image_id}/original"
+
+
+def record_key(owner: str, image_id: str) -> str:
+    return f"{owner}/{image_id}/record.json"
+
+
+def variant_key(owner: str, image_id: str, name: str) -> str:
+    return f"{owner}/{image_id}/{name}"
+
+
+def image_prefix(owner: str, image_id: str) -> str:
+    return f"{owner}/{image_id}/"

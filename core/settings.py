@@ -1,0 +1,213 @@
+"""Configuration: one frozen Settings built from the environment, in one place.
+
+`Settings.from_env(env)` is the only reader of the environment in the project. It fails fast
+with a `ConfigError` that names the bad variable, so a typo stops the process at start-up
+instead of surfacing as a confusing error on the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+# S3 rules: parts are 5 MiB .. 5 GiB and an upload has at most 10,000 of them.
+S3_MIN_PART = 5 * MiB
+S3_MAX_PART = 5 * GiB
+S3_MAX_PARTS = 10_000
+
+OWNER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+QUEUE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MIN_KEY_LENGTH = 16
+DEFAULT_FORMATS = ("jpeg", "png", "gif", "webp", "avif", "heic", "tiff", "bmp")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    s3_endpoint: str
+    s3_access_key: str
+    s3_secret_key: str
+    port: int = 8000
+    host: str = "127.0.0.1"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_bucket: str = "picstream"
+    s3_region: str = "us-east-1"
+    # (owner, key) pairs; an owner may hold several keys (rotation). Kept out of repr so a
+    # logged Settings never shows a secret.
+    api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    part_size: int = 16 * MiB
+    max_upload_bytes: int = 1 * GiB
+    max_pixels: int = 100_000_000
+    max_head_bytes: int = 2 * MiB
+    allowed_formats: frozenset[str] = frozenset(DEFAULT_FORMATS)
+    read_timeout: float = 30.0
+    queue: str = "convert"
+    bulk_queue: str = "reconvert"
+    job_timeout: int = 600
+    web_workers: int = 2
+    web_threads: int = 16
+    log_level: str = "info"
+
+    @property
+    def s3_secure(self) -> bool:
+        return urlsplit(self.s3_endpoint).scheme == "https"
+
+    @property
+    def s3_host(self) -> str:
+        """host:port as the minio SDK wants it."""
+        return urlsplit(self.s3_endpoint).netloc
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from environment variables; raise ConfigError naming a bad one."""
+        r = _Reader(env)
+        part_size = r.size("PICSTREAM_PART_SIZE", 16 * MiB, S3_MIN_PART, S3_MAX_PART)
+        settings = cls(
+            s3_endpoint=r.url("S3_ENDPOINT", None, ("http", "https")),
+            s3_access_key=r.text("S3_ACCESS_KEY", None),
+            s3_secret_key=r.text("S3_SECRET_KEY", None),
+            port=r.integer("PORT", 8000, 1, 65535),
+            host=r.text("PICSTREAM_HOST", "127.0.0.1"),
+            redis_url=r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
+            s3_bucket=r.bucket("S3_BUCKET", "picstream"),
+            s3_region=r.text("S3_REGION", "us-east-1"),
+            api_keys=r.api_keys("PICSTREAM_API_KEYS"),
+            part_size=part_size,
+            max_upload_bytes=r.size(
+                "PICSTREAM_MAX_UPLOAD_BYTES", 1 * GiB, 1, part_size * S3_MAX_PARTS
+            ),
+            max_pixels=r.integer("PICSTREAM_MAX_PIXELS", 100_000_000, 1, 2**40),
+            max_head_bytes=r.size("PICSTREAM_MAX_HEAD_BYTES", 2 * MiB, 64 * 1024, part_size),
+            allowed_formats=r.formats("PICSTREAM_ALLOWED_FORMATS"),
+            read_timeout=r.seconds("PICSTREAM_READ_TIMEOUT", 30.0),
+            queue=r.name("PICSTREAM_QUEUE", "convert"),
+            bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
+            job_timeout=r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
+            web_workers=r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
+            web_threads=r.integer("PICSTREAM_WEB_THREADS", 16, 1, 1024),
+            log_level=r.choice(
+                "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ),
+        )
+        if settings.queue == settings.bulk_queue:
+            raise ConfigError("PICSTREAM_BULK_QUEUE must differ from PICSTREAM_QUEUE")
+        return settings
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "kib": 1024, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
+
+
+class _Reader:
+    """Typed accessors over the environment; each error names its variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str, default: str | None) -> str:
+        value = self.env.get(name, "").strip()
+        if value:
+            return value
+        if default is None:
+            raise ConfigError(f"{name} is required but not set")
+        return default
+
+    def text(self, name: str, default: str | None) -> str:
+        return self._raw(name, default)
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self._raw(name, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    def size(self, name: str, default: int, low: int, high: int) -> int:
+        """A byte count, optionally with a binary suffix: 16MiB, 5m, 1GiB."""
+        raw = self._raw(name, str(default))
+        match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", raw)
+        unit = match and _SIZE_SUFFIXES.get(match.group(2).lower())
+        if not match or unit is None:
+            raise ConfigError(f"{name} must be a byte count like 16777216 or 16MiB, got {raw!r}")
+        value = int(match.group(1)) * unit
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high} bytes, got {value}")
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        raw = self._raw(name, str(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not 0 < value <= 86_400:
+            raise ConfigError(f"{name} must be between 0 and 86400 seconds, got {value}")
+        return value
+
+    def url(self, name: str, default: str | None, schemes: tuple[str, ...]) -> str:
+        raw = self._raw(name, default)
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
+            raise ConfigError(f"{name} must be a {'/'.join(schemes)} URL, got {raw!r}")
+        return raw
+
+    def bucket(self, name: str, default: str) -> str:
+        raw = self._raw(name, default)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", raw):
+            raise ConfigError(f"{name} is not a valid S3 bucket name: {raw!r}")
+        return raw
+
+    def name(self, name: str, default: str) -> str:
+        raw = self._raw(name, default)
+        if not QUEUE_RE.fullmatch(raw):
+            raise ConfigError(f"{name} must match {QUEUE_RE.pattern}, got {raw!r}")
+        return raw
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        raw = self._raw(name, default).lower()
+        if raw not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return raw
+
+    def formats(self, name: str) -> frozenset[str]:
+        raw = self._raw(name, ",".join(DEFAULT_FORMATS))
+        chosen = {f.strip().lower() for f in raw.split(",") if f.strip()}
+        unknown = chosen - set(DEFAULT_FORMATS)
+        if unknown or not chosen:
+            raise ConfigError(
+                f"{name} must be a comma-separated subset of {', '.join(DEFAULT_FORMATS)}"
+                f" (the formats the workers decode); unknown: {', '.join(sorted(unknown))}"
+            )
+        return frozenset(chosen)
+
+    def api_keys(self, name: str) -> tuple[tuple[str, str], ...]:
+        """`owner:key,owner:key`; an owner may appear more than once. Errors never echo a key."""
+        keys: dict[str, str] = {}  # key -> owner
+        for n, item in enumerate(self.env.get(name, "").split(","), start=1):
+            item = item.strip()
+            if not item:
+                continue
+            owner, sep, key = item.partition(":")
+            if not sep or not OWNER_RE.fullmatch(owner):
+                raise ConfigError(
+                    f"{name} entry {n} must be owner:key with owner matching {OWNER_RE.pattern}"
+                )
+            if len(key) < MIN_KEY_LENGTH or not key.isprintable() or " " in key:
+                raise ConfigError(
+                    f"{name} entry {n} (owner {owner!r}): the key must be at least"
+                    f" {MIN_KEY_LENGTH} printable characters without spaces"
+                )
+            if key in keys:
+                raise ConfigError(f"{name} entry {n}: this key is listed twice")
+            keys[key] = owner
+        return tuple((owner, key) for key, owner in keys.items())

@@ -1,0 +1,255 @@
+"""`make run`: the whole system on one machine, in the foreground.
+
+Starts what is not configured from outside — Redis unless REDIS_URL is set, an S3 server
+unless S3_ENDPOINT is set (MinIO when a `minio` binary is on PATH, else SeaweedFS `weed mini`)
+— on loopback with data under var/, creates the bucket, then runs the Procfile (web + worker)
+with honcho. Ctrl-C stops honcho first, then the servers, each by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var"
+sys.path.insert(0, str(ROOT))
+
+from core.errors import PicstreamError  # noqa: E402
+from core.settings import ConfigError, Settings  # noqa: E402
+from core.storage import Store  # noqa: E402
+
+DEV_ACCESS_KEY = "picstream-dev"
+
+
+def free_port(preferred: int, also_free: int = 0) -> int:
+    """`preferred` when it (and preferred + also_free, for weed's gRPC ports) is free."""
+    for port in range(preferred, preferred + 200):
+        if all(_port_free(p) for p in {port, port + also_free}):
+            return port
+    raise SystemExit(f"no free port near {preferred}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with code {proc.returncode}; see var/{name}.log")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    log = open(VAR / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+    print(f"devstack: starting {name}: {' '.join(argv)}", flush=True)
+    # Own session: Ctrl-C reaches devstack and honcho only; we stop servers after the app.
+    return subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise SystemExit("redis-server is not installed: apt-get install redis-server")
+    port = free_port(6379)
+    (VAR / "redis").mkdir(parents=True, exist_ok=True)
+    proc = start(
+        "redis",
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(VAR / "redis"),
+            "--save",
+            "60 1",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
+    )
+    wait_for_port(port, proc, "redis")
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def start_s3(bucket: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
+    minio = shutil.which("minio")
+    env = dict(os.environ)
+    if minio:
+        port = free_port(9000)
+        console = free_port(port + 1)
+        env.update(
+            MINIO_ROOT_USER=DEV_ACCESS_KEY,
+            MINIO_ROOT_PASSWORD=secret,
+            MINIO_BROWSER="off",
+            MINIO_UPDATE="off",
+        )
+        argv = [
+            minio,
+            "server",
+            str(VAR / "minio"),
+            "--address",
+            f"127.0.0.1:{port}",
+            "--console-address",
+            f"127.0.0.1:{console}",
+            "--quiet",
+        ]
+        proc = start("minio", argv, env)
+    else:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        port, master, volume, filer, admin = seaweed_ports()
+        env.update(AWS_ACCESS_KEY_ID=DEV_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=secret)
+        (VAR / "seaweedfs").mkdir(parents=True, exist_ok=True)
+        argv = [
+            weed,
+            "mini",
+            f"-dir={VAR / 'seaweedfs'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={port}",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-admin.port={admin}",
+            f"-bucket={bucket}",
+        ]
+        proc = start("seaweedfs", argv, env)
+    wait_for_port(port, proc, "minio" if minio else "seaweedfs", timeout=60)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def seaweed_ports() -> tuple[int, int, int, int, int]:
+    """Five distinct ports whose +10000 gRPC twins are free too."""
+    chosen: list[int] = []
+    start_at = 8333
+    for _ in range(5):
+        port = free_port(start_at, also_free=10000)
+        while port in chosen or port + 10000 in chosen:
+            port = free_port(port + 1, also_free=10000)
+        chosen.append(port)
+        start_at = port + 1
+    s3, master, volume, filer, admin = chosen
+    return s3, master, volume, filer, admin
+
+
+def dev_secret(name: str) -> str:
+    """A random secret kept in var/ so data stays readable across runs."""
+    path = VAR / name
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def ensure_bucket(env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)
+    store = Store.from_settings(settings)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            store.ensure_bucket()
+            return
+        except PicstreamError as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"could not create bucket {settings.s3_bucket}: {exc}") from exc
+            time.sleep(0.5)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    VAR.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("PORT", "8000")
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        if not env.get("REDIS_URL"):
+            proc, env["REDIS_URL"] = start_redis()
+            servers.append(proc)
+        if not env.get("S3_ENDPOINT"):
+            secret = dev_secret("dev-s3-secret")
+            proc, env["S3_ENDPOINT"] = start_s3(env.get("S3_BUCKET") or "picstream", secret)
+            servers.append(proc)
+            env.update(S3_ACCESS_KEY=DEV_ACCESS_KEY, S3_SECRET_KEY=secret)
+        if not env.get("PICSTREAM_API_KEYS"):
+            key = dev_secret("dev-api-key")
+            env["PICSTREAM_API_KEYS"] = f"dev:{key}"
+            print(
+                f"\nWARNING: PICSTREAM_API_KEYS is not set; using the development key\n"
+                f"  owner dev, key {key}   (kept in var/dev-api-key)\n"
+                f"  curl -H 'Authorization: Bearer {key}' -T photo.jpg "
+                f"http://127.0.0.1:{env['PORT']}/v1/images/my-photo\n",
+                flush=True,
+            )
+        try:
+            Settings.from_env(env)
+        except ConfigError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+        ensure_bucket(env)
+        print(
+            f"devstack: API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)",
+            flush=True,
+        )
+        return run_procfile(env)
+    finally:
+        stop(servers)
+
+
+def run_procfile(env: dict[str, str]) -> int:
+    honcho = str(Path(sys.executable).parent / "honcho")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    app = subprocess.Popen(
+        [honcho, "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start"],
+        env=env,
+        start_new_session=True,
+    )
+
+    def forward(signum: int, _frame: object) -> None:
+        if app.poll() is None:
+            app.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    return app.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

