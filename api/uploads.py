@@ -17,7 +17,7 @@ from rq import Queue
 
 from api.body import UploadBody
 from core.errors import Conflict, PicstreamError, TooLarge
-from core.ingest import Ingest, Ingested, Limits, NullSink, Reader
+from core.ingest import Ingest, Ingested, Limits, NullSink, Source
 from core.jobs import enqueue_convert
 from core.models import ImageRecord, new_image_id, original_key, record_key, utc_now
 from core.records import Records
@@ -60,7 +60,7 @@ class Uploads:
     def create(self, owner: str, body: UploadBody, digests: Mapping[str, bytes]) -> ImageRecord:
         """POST: a new image under a server-chosen id."""
         self._check_envelope(body)
-        return self._store_new(owner, new_image_id(), body, body.read, digests)
+        return self._store_new(owner, new_image_id(), body, body.source, digests)
 
     def put(
         self, owner: str, image_id: str, body: UploadBody, digests: Mapping[str, bytes]
@@ -75,8 +75,8 @@ class Uploads:
             try:
                 # Re-check under the reservation: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
-                    read = self._keep_reserved(owner, image_id, body.read)
-                    return self._store_new(owner, image_id, body, read, digests), True
+                    source = _KeepReserved(body.source, records, owner, image_id, self.reserve_ttl)
+                    return self._store_new(owner, image_id, body, source, digests), True
             finally:
                 records.release(owner, image_id)
         return self._same_or_conflict(records.get(owner, image_id), body, digests), False
@@ -86,13 +86,13 @@ class Uploads:
         owner: str,
         image_id: str,
         body: UploadBody,
-        read: Reader,
+        source: Source,
         digests: Mapping[str, bytes],
     ) -> ImageRecord:
         key = original_key(owner, image_id)
         meta = {"picstream-owner": owner, "picstream-id": image_id}
         sink = ObjectSink(self.s.store, key, self.s.executor, meta)
-        ingested = Ingest(read, self.limits, sink, body.declared_size, digests).run()
+        ingested = Ingest(source, self.limits, sink, body.declared_size, digests).run()
         record = _new_record(owner, image_id, ingested, body.filename)
         try:
             self.s.store.put_json(record_key(owner, image_id), record.to_dict())
@@ -119,7 +119,7 @@ class Uploads:
     ) -> ImageRecord:
         if body.declared_size is not None and body.declared_size != existing.size:
             raise Conflict(f"image {existing.id!r} already exists with different content")
-        ingested = Ingest(body.read, self.limits, NullSink(), body.declared_size, digests).run()
+        ingested = Ingest(body.source, self.limits, NullSink(), body.declared_size, digests).run()
         if ingested.blake3 != existing.blake3 or ingested.size != existing.size:
             raise Conflict(f"image {existing.id!r} already exists with different content")
         return existing
@@ -137,21 +137,26 @@ class Uploads:
         if body.declared_size is None and length and length > self.limits.max_bytes + _SLACK:
             raise TooLarge(f"the body is larger than the limit of {self.limits.max_bytes} bytes")
 
-    def _keep_reserved(self, owner: str, image_id: str, read: Reader) -> Reader:
-        """Refresh the id reservation every so often while the body streams."""
-        every = self.reserve_ttl / 4
-        last = time.monotonic()
 
-        def read_and_refresh(n: int) -> bytes:
-            nonlocal last
-            chunk = read(n)
-            now = time.monotonic()
-            if now - last > every:
-                last = now
-                self.s.records.extend(owner, image_id, self.reserve_ttl)
-            return chunk
+class _KeepReserved:
+    """Refreshes a PUT's id reservation every so often while its body streams."""
 
-        return read_and_refresh
+    def __init__(
+        self, source: Source, records: Records, owner: str, image_id: str, ttl: int
+    ) -> None:
+        self.source = source
+        self.records = records
+        self.key = (owner, image_id)
+        self.ttl = ttl
+        self.last = time.monotonic()
+
+    def readinto(self, view: memoryview) -> int:
+        got = self.source.readinto(view)
+        now = time.monotonic()
+        if now - self.last > self.ttl / 4:
+            self.last = now
+            self.records.extend(*self.key, self.ttl)
+        return got
 
 
 def _new_record(owner: str, image_id: str, ingested: Ingested, filename: str | None) -> ImageRecord:

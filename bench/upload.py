@@ -13,6 +13,7 @@ ratios within a run, not absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from core.ingest import Ingest, Limits, NullSink
+from core.ingest import Ingest, Limits, NullSink, ReadSource
 from core.settings import Settings
 from core.storage import Store
 from tests import servers
@@ -78,6 +79,12 @@ class PeakRss:
         self._thread.join()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
@@ -122,7 +129,8 @@ def main() -> None:
             api = Api("127.0.0.1", web.port, KEY)
             time.sleep(1)
             (worker_pid,) = servers.worker_pids(web)
-            run_rounds(args.rounds, size, part, body, store, api, worker_pid, settings)
+            pids = {"bench": os.getpid(), "gunicorn": worker_pid, "weed": s3.proc.pid}
+            run_rounds(args.rounds, size, part, body, store, api, pids, settings)
         finally:
             for server in (web, s3, redis):
                 if server:
@@ -136,12 +144,14 @@ def run_rounds(
     body: Body,
     store: Store,
     api: Api,
-    worker_pid: int,
+    pids: dict[str, int],
     settings: Settings,
 ) -> None:
-    results: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", "d")}
+    labels = ("a", "b", "c", "d")
+    wall: dict[str, list[float]] = {k: [] for k in labels}
+    cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(pids, 0.0) for k in labels}
     peaks: list[int] = []
-    baseline = rss_kib(worker_pid)
+    baseline = rss_kib(pids["gunicorn"])
     limits = Limits(
         part, size + MiB, settings.max_pixels, settings.max_head_bytes, settings.allowed_formats
     )
@@ -158,27 +168,56 @@ def run_rounds(
         assert resp.json["blake3"] == body.blake3
 
     def ingest_only() -> None:
-        Ingest(StreamReader(iter(body)).read, limits, NullSink()).run()
+        Ingest(ReadSource(StreamReader(iter(body)).read), limits, NullSink()).run()
 
+    steps: dict[str, Callable[[], None]] = {
+        "a": sdk,
+        "b": lambda: through_api(False),
+        "c": lambda: through_api(True),
+        "d": ingest_only,
+    }
     for n in range(rounds):
-        results["a"].append(timed(sdk))
-        for label, chunked in (("b", False), ("c", True)):
-            with PeakRss(worker_pid) as peak:
-                results[label].append(timed(lambda c=chunked: through_api(c)))
-            peaks.append(peak.peak)
-        results["d"].append(timed(ingest_only))
+        for label, step in steps.items():
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            with PeakRss(pids["gunicorn"]) as peak:
+                wall[label].append(timed(step))
+            for name, pid in pids.items():
+                cpu[label][name] += (cpu_seconds(pid) - before[name]) / rounds
+            if label in ("b", "c"):
+                peaks.append(peak.peak)
         print(
             f"round {n + 1}: "
-            + "  ".join(f"({k}) {size / MiB / v[-1]:.0f} MiB/s" for k, v in results.items()),
+            + "  ".join(f"({k}) {size / MiB / v[-1]:.0f} MiB/s" for k, v in wall.items()),
             flush=True,
         )
+    report(size, part, rounds, wall, cpu, peaks, baseline)
 
-    mibs = {k: size / MiB / statistics.median(v) for k, v in results.items()}
+
+def report(
+    size: int,
+    part: int,
+    rounds: int,
+    wall: dict[str, list[float]],
+    cpu: dict[str, dict[str, float]],
+    peaks: list[int],
+    baseline: int,
+) -> None:
+    mibs = {k: size / MiB / statistics.median(v) for k, v in wall.items()}
+    names = {
+        "a": "minio SDK put_object to the store",
+        "b": "through the API, Content-Length",
+        "c": "through the API, chunked",
+        "d": "ingest alone (hash + sniff, null)",
+    }
+    gib = size / 1024**3
     print(f"\n{size // MiB} MiB body, {part // MiB} MiB parts, {rounds} rounds (median)")
-    print(f"(a) minio SDK put_object to the store   {mibs['a']:8.1f} MiB/s")
-    print(f"(b) through the API, Content-Length     {mibs['b']:8.1f} MiB/s")
-    print(f"(c) through the API, chunked            {mibs['c']:8.1f} MiB/s")
-    print(f"(d) ingest alone (hash + sniff, null)   {mibs['d']:8.1f} MiB/s")
+    print(
+        "                                         MiB/s   CPU s/GiB: "
+        + " ".join(f"{name:>9}" for name in next(iter(cpu.values())))
+    )
+    for k, name in names.items():
+        cpus = " ".join(f"{v / gib:9.2f}" for v in cpu[k].values())
+        print(f"({k}) {name:35} {mibs[k]:8.1f}              {cpus}")
     print(
         f"ratio (b)/(a) = {mibs['b'] / mibs['a']:.2f}   (c)/(a) = {mibs['c'] / mibs['a']:.2f}"
         "   target (b)/(a) >= 1.0"

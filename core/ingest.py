@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from blake3 import blake3
@@ -29,8 +29,26 @@ from core.errors import (
 )
 from core.sniff import NeedMore, Sniffed, sniff
 
-Reader = Callable[[int], bytes]
 READ_SIZE = 1024 * 1024
+_MIN_GROWTH = 64 * 1024
+
+
+class Source(Protocol):
+    """Where body bytes come from: fills the view's start, returns the count; 0 at the end."""
+
+    def readinto(self, view: memoryview) -> int: ...
+
+
+class ReadSource:
+    """A Source over a `read(n) -> bytes` callable (one copy into the part buffer)."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self.read = read
+
+    def readinto(self, view: memoryview) -> int:
+        chunk = self.read(len(view))
+        view[: len(chunk)] = chunk
+        return len(chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,25 +68,33 @@ class Ingested:
 
 
 class PartBuffer:
-    """A part-sized buffer reused across parts. The first one grows, so a small upload
-    costs only its own size, not a whole part."""
+    """One part's bytes, read straight into place. Grows (doubling) up to the part size
+    when the body's length is unknown, so a small upload costs its own size, not a part."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "limit", "pos")
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    def __init__(self, limit: int, expected: int | None = None) -> None:
+        self.limit = limit
+        self.data = bytearray(min(expected, limit) if expected else 0)
         self.pos = 0
 
-    def add(self, chunk: bytes) -> None:
-        end = self.pos + len(chunk)
-        if self.pos == len(self.data):
-            self.data += chunk
-        else:  # a recycled full-size buffer: overwrite in place, no reallocation
-            self.data[self.pos : end] = chunk
-        self.pos = end
+    @property
+    def full(self) -> bool:
+        return self.pos == self.limit
+
+    def window(self, n: int) -> memoryview:
+        """A writable view of the next n bytes (release it before the next call)."""
+        end = self.pos + n
+        if end > len(self.data):
+            size = min(self.limit, max(end, 2 * len(self.data), _MIN_GROWTH))
+            self.data += bytes(size - len(self.data))
+        with memoryview(self.data) as whole:
+            return whole[self.pos : end]
 
     def view(self) -> memoryview:
-        return memoryview(self.data)[: self.pos]
+        """The bytes held so far."""
+        with memoryview(self.data) as whole:
+            return whole[: self.pos]
 
 
 class PartSink(Protocol):
@@ -94,16 +120,26 @@ class NullSink:
         pass
 
 
-@dataclass
 class Ingest:
     """One upload body. `run()` drives it to the end or raises a domain error."""
 
-    read: Reader
-    limits: Limits
-    sink: PartSink
-    declared_size: int | None = None
-    # algorithm name (hashlib) -> expected raw digest, from the client's Repr-Digest.
-    expected_digests: Mapping[str, bytes] = field(default_factory=dict)
+    def __init__(
+        self,
+        source: Source,
+        limits: Limits,
+        sink: PartSink,
+        declared_size: int | None = None,
+        expected_digests: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.source = source
+        self.limits = limits
+        self.sink = sink
+        self.declared_size = declared_size
+        # hashlib name -> expected raw digest, from the client's Repr-Digest.
+        self.expected_digests = dict(expected_digests or {})
+        self._blake3 = blake3(max_threads=1)  # AUTO hangs in forked children (FACTS.md)
+        self._checks = {name: hashlib.new(name) for name in self.expected_digests}
+        self._total = 0
 
     def run(self) -> Ingested:
         """Read the whole body into the sink; abort the sink on any failure, then re-raise."""
@@ -118,32 +154,55 @@ class Ingest:
             raise
 
     def _pump(self) -> Ingested:
-        hasher = blake3(max_threads=1)  # AUTO hangs in forked children (FACTS.md)
-        checks = {name: hashlib.new(name) for name in self.expected_digests}
-        part = PartBuffer()
-        total = 0
+        part = PartBuffer(self.limits.part_size, self.declared_size)
         sniffed: Sniffed | None = None
         need = 1  # head bytes the sniffer wants before it can decide
         while True:
-            # A full part waits until a further byte proves the body goes on: a body of
-            # exactly one part must still go as a single PUT.
-            room = self.limits.part_size - part.pos or self.limits.part_size
-            want = need - part.pos if sniffed is None else READ_SIZE
-            chunk = self.read(max(1, min(want, room, READ_SIZE)))
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > self.limits.max_bytes:
-                raise TooLarge(self._too_large_detail())
-            hasher.update(chunk)
-            for check in checks.values():
-                check.update(chunk)
-            if part.pos == self.limits.part_size:
+            if part.full:
+                # A full part is sent only once a further byte proves the body goes on:
+                # a body of exactly one part must still go as a single PUT.
                 assert sniffed is not None  # max_head <= part_size: decided by now
+                ahead = self._read_ahead()
+                if not ahead:
+                    break
                 part = self._flush(part, sniffed)
-            part.add(chunk)
+                with part.window(len(ahead)) as window:
+                    window[:] = ahead
+                part.pos += len(ahead)
+                continue
+            want = need - part.pos if sniffed is None else READ_SIZE
+            with part.window(max(1, min(want, part.limit - part.pos, READ_SIZE))) as window:
+                got = self.source.readinto(window)
+                if got:
+                    with window[:got] as fresh:
+                        self._take(fresh)
+            if not got:
+                break
+            part.pos += got
             if sniffed is None and part.pos >= need:
                 sniffed, need = self._sniff(part, final=part.pos >= self.limits.max_head)
+        return self._finish(part, sniffed)
+
+    def _take(self, fresh: memoryview) -> None:
+        """Count, check the limit and hash bytes just received."""
+        self._total += len(fresh)
+        if self._total > self.limits.max_bytes:
+            raise TooLarge(self._too_large_detail())
+        self._blake3.update(fresh)
+        for check in self._checks.values():
+            check.update(fresh)
+
+    def _read_ahead(self) -> bytes:
+        scratch = bytearray(READ_SIZE)
+        with memoryview(scratch) as window:
+            got = self.source.readinto(window)
+            if got:
+                with window[:got] as fresh:
+                    self._take(fresh)
+        return bytes(scratch[:got])
+
+    def _finish(self, part: PartBuffer, sniffed: Sniffed | None) -> Ingested:
+        total = self._total
         if total == 0:
             raise EmptyBody("the request body is empty")
         if self.declared_size is not None and total < self.declared_size:
@@ -153,19 +212,22 @@ class Ingest:
         if sniffed is None:
             sniffed, _ = self._sniff(part, final=True)
             assert sniffed is not None  # final=True always decides
-        self._verify(checks)
-        result = Ingested(total, hasher.hexdigest(), sniffed)
+        self._verify(self._checks)
+        result = Ingested(total, self._blake3.hexdigest(), sniffed)
         self.sink.finish(part, result)
         return result
 
     def _flush(self, part: PartBuffer, sniffed: Sniffed) -> PartBuffer:
-        free = self.sink.write_part(part, sniffed) or PartBuffer()
+        # Past the first part the body is known to be large: allocate whole parts at once
+        # (growing one would briefly hold old and new copies).
+        size = self.limits.part_size
+        free = self.sink.write_part(part, sniffed) or PartBuffer(size, expected=size)
         free.pos = 0
         return free
 
     def _sniff(self, part: PartBuffer, final: bool) -> tuple[Sniffed | None, int]:
-        head = part.data if part.pos == len(part.data) else part.data[: part.pos]
-        found = sniff(head, final)
+        with part.view() as head:
+            found = sniff(head, final)
         if isinstance(found, NeedMore):
             return None, min(found.at_least, self.limits.max_head)
         self._check(found)

@@ -17,7 +17,7 @@ from core.errors import (
     TooManyPixels,
     UnsupportedFormat,
 )
-from core.ingest import Ingest, Ingested, Limits, PartBuffer
+from core.ingest import Ingest, Ingested, Limits, PartBuffer, ReadSource
 from core.sniff import Sniffed
 from tests.images import Body, jpeg, png
 
@@ -75,7 +75,7 @@ def run(
     data: bytes, piece: int | None = None, limits: Limits = LIMITS, **kw: object
 ) -> tuple[Ingested, RecordingSink]:
     sink = RecordingSink()
-    result = Ingest(Source(data, piece).read, limits, sink, **kw).run()  # type: ignore[arg-type]
+    result = Ingest(ReadSource(Source(data, piece).read), limits, sink, **kw).run()  # type: ignore[arg-type]
     return result, sink
 
 
@@ -123,7 +123,7 @@ def test_rejection_reads_only_the_head(head: bytes, error: type[Exception]) -> N
     source = CountingSource(head + b"\x00" * (20 * MiB))
     sink = RecordingSink()
     with pytest.raises(error):
-        Ingest(source.read, LIMITS, sink).run()
+        Ingest(ReadSource(source.read), LIMITS, sink).run()
     assert source.pos < 64 * 1024
     assert sink.parts == [] and sink.aborted
 
@@ -142,7 +142,7 @@ def test_size_limits() -> None:
         run(data, limits=limits, declared_size=len(data))  # refused before reading
     sink = RecordingSink()
     with pytest.raises(TooLarge):
-        Ingest(Source(data).read, limits, sink).run()  # counted
+        Ingest(ReadSource(Source(data).read), limits, sink).run()  # counted
     assert sink.aborted
     assert run(data[:-1], limits=limits)[0].size == 6 * MiB
 
@@ -161,7 +161,9 @@ def test_digests() -> None:
     assert run(data, expected_digests=good)[0].size == len(data)
     sink = RecordingSink()
     with pytest.raises(DigestMismatch):
-        Ingest(Source(data).read, LIMITS, sink, expected_digests={"sha256": b"\x00" * 32}).run()
+        Ingest(
+            ReadSource(Source(data).read), LIMITS, sink, expected_digests={"sha256": b"\x00" * 32}
+        ).run()
     assert sink.aborted
 
 
@@ -171,5 +173,5 @@ def test_abort_on_base_exceptions() -> None:
 
     sink = RecordingSink()
     with pytest.raises(SystemExit):
-        Ingest(exploding, LIMITS, sink).run()
+        Ingest(ReadSource(exploding), LIMITS, sink).run()
     assert sink.aborted
