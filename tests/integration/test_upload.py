@@ -178,3 +178,26 @@ def test_unknown_digest_algorithm_is_refused(api: Api, store: Store) -> None:
     assert resp.status == 400
     assert "sha-256" in resp.json["detail"]
     assert_nothing_left(store)
+
+
+def test_keep_alive_and_pipelined_requests_after_an_upload(api: Api, store: Store) -> None:
+    # The body is read straight from the socket: bytes after it belong to the next request.
+    image = png(12, 9)
+    upload = api.headers_for(
+        "POST", "/v1/images", f"Content-Length: {len(image)}\r\nContent-Type: image/png\r\n"
+    )
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock, first = api.raw(upload + image + health)
+    try:
+        assert first.startswith(b"HTTP/1.1 201"), first[:300]
+        received = first.partition(b"\r\n\r\n")[2]
+        record = json.loads(received)
+        rest = b""
+        while b'{"status": "ok"}' not in rest:
+            chunk = sock.recv(65536)
+            assert chunk, rest
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()
+    assert stored_bytes(store, original_key("alice", record["id"])) == image
