@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import falcon
@@ -94,5 +95,6 @@ def handle_unexpected(
 
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
     """falcon's own errors (unknown route, wrong method...) as problem+json too."""
-    slug = ex.title.lower().replace(" ", "-") if ex.title else "error"
-    respond_problem(resp, problem(ex.status_code, slug, ex.title or "Error", ex.description))
+    phrase = HTTPStatus(ex.status_code).phrase
+    slug = phrase.lower().replace(" ", "-")
+    respond_problem(resp, problem(ex.status_code, slug, phrase, ex.description))

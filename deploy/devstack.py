@@ -242,13 +242,19 @@ def run_procfile(env: dict[str, str]) -> int:
         start_new_session=True,
     )
 
+    stopping = False
+
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         if app.poll() is None:
             app.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    return app.wait()
+    code = app.wait()
+    print("devstack: stopping the servers", flush=True)
+    return 0 if stopping else code
 
 
 if __name__ == "__main__":
