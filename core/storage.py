@@ -16,7 +16,8 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from datetime import datetime
+from typing import Any, BinaryIO, NamedTuple, cast
 
 import urllib3
 from minio import Minio
@@ -174,6 +175,21 @@ class Store:
                 response.close()
                 response.release_conn()
 
+    def download(self, key: str, out: BinaryIO, chunk_size: int = 1024 * 1024) -> int:
+        """Stream one object into a file in `chunk_size` pieces (constant memory, whatever
+        the object's size). Returns the byte count."""
+        written = 0
+        with _translated("download"):
+            response = self.client.get_object(self.bucket, key)
+            try:
+                for chunk in response.stream(chunk_size):
+                    out.write(chunk)
+                    written += len(chunk)
+            finally:
+                response.close()
+                response.release_conn()
+        return written
+
     def keys(self, prefix: str) -> list[str]:
         with _translated("list"):
             return [
@@ -181,12 +197,12 @@ class Store:
                 for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
             ]
 
-    def incomplete_uploads(self, prefix: str = "") -> list[tuple[str, str]]:
-        """(key, upload id) of every multipart upload not completed nor aborted.
+    def incomplete_uploads(self, prefix: str = "") -> list[IncompleteUpload]:
+        """Every multipart upload neither completed nor aborted.
 
         Paginated by the last key/id: the SDK's next_upload_id_marker is always None.
         """
-        found: list[tuple[str, str]] = []
+        found: list[IncompleteUpload] = []
         key_marker: str | None = None
         id_marker: str | None = None
         with _translated("list uploads"):
@@ -197,11 +213,24 @@ class Store:
                     key_marker=key_marker,
                     upload_id_marker=id_marker,
                 )
-                page = [(u.object_name or "", u.upload_id or "") for u in result.uploads]
+                page = [
+                    IncompleteUpload(u.object_name or "", u.upload_id or "", u.initiated_time)
+                    for u in result.uploads
+                ]
                 found.extend(page)
                 if not result.is_truncated or not page:
                     return found
-                key_marker, id_marker = page[-1]
+                key_marker, id_marker = page[-1].key, page[-1].upload_id
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with _translated("upload abort"):
+            self.client._abort_multipart_upload(self.bucket, key, upload_id)
+
+
+class IncompleteUpload(NamedTuple):
+    key: str
+    upload_id: str
+    initiated: datetime | None
 
 
 class MultipartUpload:
@@ -233,9 +262,6 @@ class MultipartUpload:
     def abort(self) -> None:
         """Best effort: log, never raise, so the original failure is what propagates."""
         try:
-            with _translated("upload abort"):
-                self.store.client._abort_multipart_upload(
-                    self.store.bucket, self.key, self.upload_id
-                )
+            self.store.abort_upload(self.key, self.upload_id)
         except (StorageUnavailable, NotFound) as exc:
             log.warning("could not abort multipart upload of %s: %s", self.key, exc.detail)

@@ -93,8 +93,8 @@ def redis_client(settings: Settings) -> Redis:
 def clean(store: Store, redis_client: Redis) -> None:
     """Every test starts with an empty Redis and an empty bucket."""
     redis_client.flushdb()
-    for key, upload_id in store.incomplete_uploads():
-        store.client._abort_multipart_upload(store.bucket, key, upload_id)
+    for upload in store.incomplete_uploads():
+        store.abort_upload(upload.key, upload.upload_id)
     for key in store.keys(""):
         store.delete(key)
 
