@@ -185,6 +185,9 @@ def run_rounds(
                 cpu[label][name] += (cpu_seconds(pid) - before[name]) / rounds
             if label in ("b", "c"):
                 peaks.append(peak.peak)
+                print(
+                    f"  ({label}) gunicorn worker peak RSS {peak.peak / 1024:.0f} MiB", flush=True
+                )
         print(
             f"round {n + 1}: "
             + "  ".join(f"({k}) {size / MiB / v[-1]:.0f} MiB/s" for k, v in wall.items()),
