@@ -7,13 +7,17 @@ tells nothing about which key or how much of it matched), and are never logged.
 from __future__ import annotations
 
 import hmac
+import re
 from typing import Any
 
 import falcon
 
-from core.errors import Unauthorized
+from core.errors import Forbidden, Unauthorized
+from core.signing import verify
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# What a signed link may read: an original or a variant.
+SIGNABLE = re.compile(r"/v1/images/[A-Za-z0-9_-]{1,64}/(original|variants/[A-Za-z0-9_.-]{1,64})")
 
 
 class KeyRing:
@@ -30,16 +34,39 @@ class KeyRing:
 
 
 class AuthMiddleware:
-    def __init__(self, keys: KeyRing) -> None:
+    def __init__(self, keys: KeyRing, signing_key: bytes | None = None) -> None:
         self.keys = keys
+        self.signing_key = signing_key
 
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         if req.path in PUBLIC_PATHS or resource is None:
             return
+        if req.get_param("sig") is not None:
+            req.context.owner = self._signed_owner(req)
+            return
         scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
         owner = self.keys.owner_of(token.strip()) if scheme.lower() == "bearer" else None
         if owner is None:
             raise Unauthorized("send Authorization: Bearer <api key>")
         req.context.owner = owner
+
+    def _signed_owner(self, req: falcon.Request) -> str:
+        """A signed link reads exactly the path it was made for, and nothing else."""
+        owner = req.get_param("owner") or ""
+        ok = (
+            self.signing_key is not None
+            and req.method in ("GET", "HEAD")
+            and SIGNABLE.fullmatch(req.path) is not None
+            and verify(
+                self.signing_key,
+                req.path,
+                owner,
+                req.get_param("expires") or "",
+                req.get_param("sig") or "",
+            )
+        )
+        if not ok:
+            raise Forbidden("this signed link is expired or not valid for this request")
+        return owner

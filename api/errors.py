@@ -35,6 +35,8 @@ TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
     e.CorruptImage: (422, "corrupt-image", "Corrupt image header"),
     e.TooManyPixels: (422, "too-many-pixels", "Image dimensions above the limit"),
     e.DigestMismatch: (422, "digest-mismatch", "Digest mismatch"),
+    e.Forbidden: (403, "forbidden", "Forbidden"),
+    e.Busy: (503, "busy", "Busy"),
     e.StorageUnavailable: (503, "storage-unavailable", "Storage unavailable"),
     e.QueueUnavailable: (503, "queue-unavailable", "Queue unavailable"),
 }
@@ -77,6 +79,8 @@ def handle_domain(
     if status >= 500:
         log.warning("%s %s -> %d: %s", req.method, req.path, status, ex.detail)
     respond_problem(resp, problem(status, slug, title, ex.detail))
+    if isinstance(ex, e.Busy):
+        resp.set_header("Retry-After", str(ex.retry_after))
     if isinstance(ex, e.Unauthorized):
         resp.set_header("WWW-Authenticate", 'Bearer realm="picstream"')
     if isinstance(ex, _CLOSE):

@@ -11,15 +11,19 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rq import Queue
 
 from api.body import UploadBody
+from api.events import EventHub
+from api.limits import Slots
+from api.presign import Presigner
 from core.errors import Conflict, PicstreamError, TooLarge
 from core.ingest import Ingest, Ingested, Limits, NullSink, Source
 from core.jobs import enqueue_convert
-from core.models import ImageRecord, new_image_id, original_key, record_key, utc_now
+from core.models import ImageRecord, Variant, new_image_id, original_key, record_key, utc_now
+from core.profiles import Profile
 from core.records import Records
 from core.settings import Settings
 from core.sink import ObjectSink
@@ -39,7 +43,13 @@ class Services:
     store: Store
     records: Records
     queue: Queue
-    executor: Executor
+    bulk_queue: Queue  # reconversions: workers drain `queue` first
+    executor: Executor  # part uploads
+    download_pool: Executor  # read-ahead of downloads
+    upload_slots: Slots
+    stream_slots: Slots
+    hub: EventHub
+    presigner: Presigner
 
 
 class Uploads:
@@ -57,16 +67,32 @@ class Uploads:
         # it lapses soon after a crashed process stops refreshing it.
         self.reserve_ttl = int(max(60, 4 * settings.read_timeout))
 
-    def create(self, owner: str, body: UploadBody, digests: Mapping[str, bytes]) -> ImageRecord:
-        """POST: a new image under a server-chosen id."""
+    def create(
+        self,
+        owner: str,
+        body: UploadBody,
+        digests: Mapping[str, bytes],
+        profile: Profile,
+        callback: str | None = None,
+    ) -> ImageRecord:
+        """POST: a new image under a server-chosen id, to be converted with `profile`;
+        `callback` receives the final record (a webhook)."""
         self._check_envelope(body)
-        return self._store_new(owner, new_image_id(), body, body.source, digests)
+        image_id = new_image_id()
+        return self._store_new(owner, image_id, body, body.source, digests, profile, callback)
 
     def put(
-        self, owner: str, image_id: str, body: UploadBody, digests: Mapping[str, bytes]
+        self,
+        owner: str,
+        image_id: str,
+        body: UploadBody,
+        digests: Mapping[str, bytes],
+        profile: Profile,
+        callback: str | None = None,
     ) -> tuple[ImageRecord, bool]:
-        """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record;
-        different bytes under an existing id -> Conflict."""
+        """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record
+        (its profile unchanged: reconvert changes profiles); different bytes under an
+        existing id -> Conflict."""
         self._check_envelope(body)
         records = self.s.records
         if not records.exists(owner, image_id):
@@ -76,7 +102,10 @@ class Uploads:
                 # Re-check under the reservation: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
                     source = _KeepReserved(body.source, records, owner, image_id, self.reserve_ttl)
-                    return self._store_new(owner, image_id, body, source, digests), True
+                    record = self._store_new(
+                        owner, image_id, body, source, digests, profile, callback
+                    )
+                    return record, True
             finally:
                 records.release(owner, image_id)
         return self._same_or_conflict(records.get(owner, image_id), body, digests), False
@@ -88,17 +117,21 @@ class Uploads:
         body: UploadBody,
         source: Source,
         digests: Mapping[str, bytes],
+        profile: Profile,
+        callback: str | None,
     ) -> ImageRecord:
         key = original_key(owner, image_id)
         meta = {"picstream-owner": owner, "picstream-id": image_id}
         sink = ObjectSink(self.s.store, key, self.s.executor, meta)
         ingested = Ingest(source, self.limits, sink, body.declared_size, digests).run()
-        record = _new_record(owner, image_id, ingested, body.filename)
+        record = replace(
+            _new_record(owner, image_id, ingested, body.filename, profile), callback=callback
+        )
         try:
             self.s.store.put_json(record_key(owner, image_id), record.to_dict())
-            queue = self.s.queue
+            queue, intervals = self.s.queue, self.s.settings.retry_intervals
             self.s.records.create(
-                record, lambda pipe: enqueue_convert(queue, owner, image_id, pipe)
+                record, lambda pipe: enqueue_convert(queue, owner, image_id, pipe, intervals)
             )
         except BaseException:
             self._discard(owner, image_id, sink)
@@ -159,8 +192,14 @@ class _KeepReserved:
         return got
 
 
-def _new_record(owner: str, image_id: str, ingested: Ingested, filename: str | None) -> ImageRecord:
+def _new_record(
+    owner: str, image_id: str, ingested: Ingested, filename: str | None, profile: Profile
+) -> ImageRecord:
     sniffed = ingested.sniffed
+    # The variants the header lets us foresee; the worker replaces them with its own plan
+    # once it has decoded the image (alpha, exact size). Only JPEG surely has no alpha.
+    alpha = False if sniffed.format == "jpeg" else None
+    plan = profile.plan(sniffed.width, sniffed.height, alpha)
     return ImageRecord(
         id=image_id,
         owner=owner,
@@ -173,4 +212,6 @@ def _new_record(owner: str, image_id: str, ingested: Ingested, filename: str | N
         orientation=sniffed.orientation,
         filename=filename,
         created_at=utc_now(),
+        profile=profile.name,
+        variants=tuple(Variant(spec.name) for spec in plan),
     )

@@ -74,3 +74,15 @@ class StorageUnavailable(PicstreamError):
 
 class QueueUnavailable(PicstreamError):
     """Redis failed or could not be reached."""
+
+
+class Busy(PicstreamError):
+    """This process is at its limit for this kind of request; try again shortly."""
+
+    def __init__(self, detail: str, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class Forbidden(PicstreamError):
+    """A signed link that is expired, tampered with, or used for something else."""

@@ -2,31 +2,47 @@
 
 The API enqueues by dotted path so it never imports worker code (and with it the image
 libraries). Payloads are JSON (both sides use rq's JSONSerializer).
+
+Failure handling is split between the job and rq:
+- the job itself records permanent failures (corrupt input...) as `failed` and returns;
+- transient failures (S3/Redis unreachable) raise, and rq retries after `intervals`
+  (the worker runs the scheduler so the retries fire);
+- `CONVERT_FAILED` is rq's failure callback: once no retry is left (also after a timeout
+  or when the job was abandoned by a dead worker) it records the image as `failed`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from redis import Redis
 from redis.client import Pipeline
-from rq import Queue, Retry
+from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
 CONVERT = "worker.jobs.convert"
-# Transient failures (S3/Redis unreachable) retry with backoff; the worker runs the scheduler.
-CONVERT_RETRY = Retry(max=4, interval=[5, 20, 60, 180])
+CONVERT_FAILED = "worker.jobs.conversion_failed"
+DEFAULT_INTERVALS = (5, 20, 60, 180)
 
 
 def make_queue(redis: Redis, name: str, job_timeout: int) -> Queue:
     return Queue(name, connection=redis, serializer=JSONSerializer, default_timeout=job_timeout)
 
 
-def enqueue_convert(queue: Queue, owner: str, image_id: str, pipeline: Pipeline) -> Job:
+def enqueue_convert(
+    queue: Queue,
+    owner: str,
+    image_id: str,
+    pipeline: Pipeline,
+    intervals: Sequence[int] = DEFAULT_INTERVALS,
+) -> Job:
     """Queue the conversion of one image inside the caller's MULTI/EXEC pipeline."""
     return queue.enqueue_call(
         CONVERT,
         kwargs={"owner": owner, "image_id": image_id},
-        retry=CONVERT_RETRY,
+        retry=Retry(max=len(intervals), interval=list(intervals)),
+        on_failure=Callback(CONVERT_FAILED),
         description=f"convert {owner}/{image_id}",
         pipeline=pipeline,
     )

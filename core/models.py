@@ -60,6 +60,8 @@ class ImageRecord:
     profile: str = "default"
     error: str | None = None
     variants: tuple[Variant, ...] = field(default_factory=tuple)
+    # Where the final record is POSTed (an allow-listed URL from `?callback=`), if anywhere.
+    callback: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -14,11 +14,13 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from typing import cast
 
 import redis
 from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 from redis.retry import Retry
 
 from core.errors import NotFound, QueueUnavailable
@@ -26,6 +28,12 @@ from core.models import ImageRecord
 from core.settings import Settings
 
 NS = "picstream"
+# Optimistic updates give up after this many lost races (each loss means another writer
+# committed in between, so this is never reached under sane contention).
+_MAX_RACES = 50
+
+Change = Callable[[ImageRecord], ImageRecord]
+Also = Callable[[Pipeline, ImageRecord], object]
 
 
 def connect(settings: Settings) -> Redis:
@@ -108,3 +116,107 @@ class Records:
             pipe.zadd(_index_key(record.owner), {record.id: _created_ms(record)})
             pipe.delete(_reserve_key(record.owner, record.id))
             pipe.execute()
+
+    def update(
+        self, owner: str, image_id: str, change: Change, also: Also | None = None
+    ) -> ImageRecord | None:
+        """Read-modify-write one record atomically (WATCH/MULTI), and queue `also` (events,
+        a job) in the same transaction. Returns the new record, or None when the record does
+        not exist: an update never recreates a deleted image. `change` may raise to abort.
+        """
+        key = _image_key(owner, image_id)
+        with _translated("record update"), self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_RACES):
+                try:
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(key)
+                    if raw is None:
+                        return None
+                    record = change(ImageRecord.from_dict(json.loads(raw)))
+                    pipe.multi()
+                    pipe.set(key, json.dumps(record.to_dict(), separators=(",", ":")))
+                    if also is not None:
+                        also(pipe, record)
+                    pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+                finally:
+                    pipe.reset()
+        raise QueueUnavailable(f"record update of {image_id!r} lost {_MAX_RACES} races in a row")
+
+    def page(
+        self, owner: str, limit: int, after: tuple[int, str] | None
+    ) -> tuple[list[ImageRecord], tuple[int, str] | None]:
+        """Newest first: up to `limit` records after the cursor (creation ms, id), and the
+        cursor of the next page (None on the last). New uploads sort before any cursor, so
+        pages stay stable while images arrive."""
+        found = self._index_after(owner, limit + 1, after)
+        ids = found[:limit]
+        with _translated("record read"):
+            raws = (
+                self.redis.mget([_image_key(owner, image_id) for _, image_id in ids]) if ids else []
+            )
+        records = [ImageRecord.from_dict(json.loads(raw)) for raw in raws if raw is not None]
+        return records, (ids[-1] if len(found) > limit else None)
+
+    def _index_after(
+        self, owner: str, count: int, after: tuple[int, str] | None
+    ) -> list[tuple[int, str]]:
+        # ZREVRANGEBYSCORE orders by (score, member) descending; entries sharing the
+        # cursor's millisecond are filtered by id, so a page boundary inside one
+        # millisecond neither repeats nor skips anything.
+        top: float | int = float("inf") if after is None else after[0]
+        found: list[tuple[int, str]] = []
+        offset = 0
+        while len(found) < count:
+            with _translated("index read"):
+                batch = self.redis.zrevrangebyscore(
+                    _index_key(owner), top, "-inf", start=offset, num=count, withscores=True
+                )
+            if not batch:
+                break
+            offset += len(batch)
+            for member, score in cast(list[tuple[bytes, float]], batch):
+                entry = (int(score), member.decode())
+                if after is None or entry < after:
+                    found.append(entry)
+        return found[:count]
+
+    def delete(self, owner: str, image_id: str, also: Also | None = None) -> ImageRecord:
+        """Remove the record and its index entry (and queue `also`, e.g. an event) in one
+        transaction. A conversion in flight loses its WATCH race and stops writing."""
+        key = _image_key(owner, image_id)
+        with _translated("record delete"), self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_RACES):
+                try:
+                    pipe.watch(key)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(f"no image {image_id!r}")
+                    record = ImageRecord.from_dict(json.loads(raw))
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.zrem(_index_key(owner), image_id)
+                    if also is not None:
+                        also(pipe, record)
+                    pipe.execute()
+                    return record
+                except WatchError:
+                    continue
+                finally:
+                    pipe.reset()
+        raise QueueUnavailable(f"record delete of {image_id!r} lost {_MAX_RACES} races in a row")
+
+    def queue_purge(self, prefix: str) -> None:
+        """Remember an image prefix whose objects still have to be deleted (core/janitor)."""
+        with _translated("purge list"):
+            self.redis.sadd(f"{NS}:purge", prefix)
+
+    def purges(self) -> list[str]:
+        with _translated("purge list"):
+            return sorted(p.decode() for p in self.redis.smembers(f"{NS}:purge"))  # type: ignore[union-attr]
+
+    def purged(self, prefix: str) -> None:
+        with _translated("purge list"):
+            self.redis.srem(f"{NS}:purge", prefix)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from core.profiles import ProfileError, Profiles, default_profiles, load_profiles
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -52,8 +54,33 @@ class Settings:
     queue: str = "convert"
     bulk_queue: str = "reconvert"
     job_timeout: int = 600
+    # Conversion (worker). Profiles come from PICSTREAM_PROFILES, parsed here so a bad file
+    # stops both processes at start-up.
+    profiles: Profiles = field(default_factory=default_profiles, repr=False)
+    max_frames: int = 100
+    # Variants encoded at once within one job (libvips releases the GIL).
+    convert_threads: int = 2
+    # Waits before each retry of a conversion after a transient failure (S3/Redis down).
+    retry_intervals: tuple[int, ...] = (5, 20, 60, 180)
+    # Data-segment limit of one conversion process (RLIMIT_DATA); 0 = none.
+    job_memory: int = 1 * GiB
     web_workers: int = 2
-    web_threads: int = 16
+    # Each request holds a thread; uploads and event streams hold theirs for long, so each
+    # gets its own budget of slots within the threads (api/limits.py).
+    web_threads: int = 64
+    max_uploads: int = 16
+    max_event_streams: int = 40
+    sse_heartbeat: float = 15.0
+    # Signed links (HMAC); None disables them.
+    signing_key: bytes | None = field(default=None, repr=False)
+    # What clients can reach the store at, for ?redirect=1 presigned URLs.
+    s3_public_endpoint: str = ""
+    presign_seconds: int = 300
+    # Webhooks: the hosts that may be called, the HMAC key, and owner -> URL defaults.
+    webhook_hosts: frozenset[str] = frozenset()
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhooks: tuple[tuple[str, str], ...] = ()
+    webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
     log_level: str = "info"
 
     @property
@@ -91,12 +118,45 @@ class Settings:
             queue=r.name("PICSTREAM_QUEUE", "convert"),
             bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
             job_timeout=r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
+            profiles=r.profiles("PICSTREAM_PROFILES"),
+            max_frames=r.integer("PICSTREAM_MAX_FRAMES", 100, 1, 10_000),
+            convert_threads=r.integer("PICSTREAM_CONVERT_THREADS", 2, 1, 64),
+            retry_intervals=r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
+            job_memory=r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
             web_workers=r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
-            web_threads=r.integer("PICSTREAM_WEB_THREADS", 16, 1, 1024),
+            web_threads=r.integer("PICSTREAM_WEB_THREADS", 64, 1, 4096),
+            max_uploads=r.integer("PICSTREAM_MAX_UPLOADS", 16, 1, 4096),
+            max_event_streams=r.integer("PICSTREAM_MAX_EVENT_STREAMS", 40, 0, 4096),
+            sse_heartbeat=r.seconds("PICSTREAM_SSE_HEARTBEAT", 15.0),
+            signing_key=r.secret("PICSTREAM_SIGNING_KEY"),
+            s3_public_endpoint=r.url(
+                "S3_PUBLIC_ENDPOINT", env.get("S3_ENDPOINT") or None, ("http", "https")
+            ),
+            presign_seconds=r.integer("PICSTREAM_PRESIGN_SECONDS", 300, 1, 7 * 86_400),
+            webhook_hosts=r.hosts("PICSTREAM_WEBHOOK_HOSTS"),
+            webhook_secret=r.secret("PICSTREAM_WEBHOOK_SECRET"),
+            webhooks=r.owner_urls("PICSTREAM_WEBHOOKS"),
+            webhook_retry_intervals=r.intervals(
+                "PICSTREAM_WEBHOOK_RETRY_INTERVALS", (10, 30, 120, 600, 1800, 3600)
+            ),
             log_level=r.choice(
                 "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
         )
+        if settings.max_uploads + settings.max_event_streams >= settings.web_threads:
+            raise ConfigError(
+                "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS must leave threads free"
+                f" for other requests: raise PICSTREAM_WEB_THREADS above {settings.web_threads}"
+            )
+        if (settings.webhooks or settings.webhook_hosts) and settings.webhook_secret is None:
+            raise ConfigError("webhooks need PICSTREAM_WEBHOOK_SECRET to sign deliveries")
+        for owner, url in settings.webhooks:
+            host = (urlsplit(url).hostname or "").lower()
+            netloc = f"{host}:{urlsplit(url).port}" if urlsplit(url).port else host
+            if host not in settings.webhook_hosts and netloc not in settings.webhook_hosts:
+                raise ConfigError(
+                    f"PICSTREAM_WEBHOOKS: the URL for {owner!r} is not on PICSTREAM_WEBHOOK_HOSTS"
+                )
         if settings.queue == settings.bulk_queue:
             raise ConfigError("PICSTREAM_BULK_QUEUE must differ from PICSTREAM_QUEUE")
         return settings
@@ -189,6 +249,65 @@ class _Reader:
                 f" (the formats the workers decode); unknown: {', '.join(sorted(unknown))}"
             )
         return frozenset(chosen)
+
+    def profiles(self, name: str) -> Profiles:
+        path = self.env.get(name, "").strip()
+        if not path:
+            return default_profiles()
+        try:
+            return load_profiles(path)
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+        except (ProfileError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+
+    def intervals(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        """Comma-separated whole seconds, one per retry: `5,20,60,180`."""
+        raw = self._raw(name, ",".join(map(str, default)))
+        try:
+            values = tuple(int(v) for v in raw.split(","))
+        except ValueError:
+            raise ConfigError(f"{name} must be whole seconds like 5,20,60, got {raw!r}") from None
+        if not 1 <= len(values) <= 20 or not all(0 <= v <= 86_400 for v in values):
+            raise ConfigError(f"{name} must list 1-20 waits of 0-86400 seconds, got {raw!r}")
+        return values
+
+    def hosts(self, name: str) -> frozenset[str]:
+        """Comma-separated host or host:port names."""
+        raw = self.env.get(name, "")
+        hosts = frozenset(h.strip().lower() for h in raw.split(",") if h.strip())
+        for host in hosts:
+            if not re.fullmatch(r"[a-z0-9.-]+(:\d{1,5})?|\[[0-9a-f:]+\](:\d{1,5})?", host):
+                raise ConfigError(f"{name}: {host!r} is not a host or host:port")
+        return hosts
+
+    def owner_urls(self, name: str) -> tuple[tuple[str, str], ...]:
+        """`owner=url,owner=url`."""
+        pairs = []
+        for item in self.env.get(name, "").split(","):
+            if not item.strip():
+                continue
+            owner, sep, url = item.strip().partition("=")
+            if (
+                not sep
+                or not OWNER_RE.fullmatch(owner)
+                or urlsplit(url).scheme
+                not in (
+                    "http",
+                    "https",
+                )
+            ):
+                raise ConfigError(f"{name} entries must be owner=http(s)://host/path")
+            pairs.append((owner, url))
+        return tuple(pairs)
+
+    def secret(self, name: str) -> bytes | None:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return None
+        if len(raw) < 32:
+            raise ConfigError(f"{name} must be at least 32 characters (it keys an HMAC)")
+        return raw.encode()
 
     def api_keys(self, name: str) -> tuple[tuple[str, str], ...]:
         """`owner:key,owner:key`; an owner may appear more than once. Errors never echo a key."""

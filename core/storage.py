@@ -11,9 +11,11 @@ Every provider error is translated here: callers only ever see `StorageUnavailab
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -190,6 +192,24 @@ class Store:
                 response.release_conn()
         return written
 
+    def stream(
+        self,
+        key: str,
+        offset: int,
+        length: int,
+        chunk_size: int,
+        prefetch: Executor | None = None,
+    ) -> ObjectStream:
+        """Bytes [offset, offset+length) of an object, fetched lazily as a ranged GET."""
+        return ObjectStream(self, key, offset, length, chunk_size, prefetch)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a prefix; returns how many."""
+        keys = self.keys(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
     def keys(self, prefix: str) -> list[str]:
         with _translated("list"):
             return [
@@ -265,3 +285,68 @@ class MultipartUpload:
             self.store.abort_upload(self.key, self.upload_id)
         except (StorageUnavailable, NotFound) as exc:
             log.warning("could not abort multipart upload of %s: %s", self.key, exc.detail)
+
+
+class ObjectStream:
+    """An iterator over a ranged S3 GET that a WSGI server can close at any time.
+
+    The request is sent on the first `next()`. With an executor, the next chunk is fetched
+    while the caller sends the current one (measured: a relay that alternates read and send
+    reaches ~0.7 of a direct GET; overlapped it keeps up). `close()` — called by the server
+    when the response ends or the client goes away — closes the S3 response and releases its
+    connection, even if iteration never started.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        key: str,
+        offset: int,
+        length: int,
+        chunk: int,
+        prefetch: Executor | None = None,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.offset = offset
+        self.length = length
+        self.chunk = chunk
+        self.prefetch = prefetch
+        self._response: Any = None
+        self._next: Future[bytes] | None = None
+        self._closed = False
+
+    def __iter__(self) -> ObjectStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._closed:
+            raise StopIteration
+        if self._response is None:
+            with _translated("download"):
+                self._response = self.store.client.get_object(
+                    self.store.bucket, self.key, offset=self.offset, length=self.length
+                )
+        chunk = self._next.result() if self._next is not None else self._read()
+        if not chunk:
+            self.close()
+            raise StopIteration
+        if self.prefetch is not None:
+            self._next = self.prefetch.submit(self._read)
+        return chunk
+
+    def _read(self) -> bytes:
+        with _translated("download"):
+            return bytes(self._response.read(self.chunk))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(Exception):  # the read in flight no longer matters
+                self._next.result(timeout=30)
+        if self._response is not None:
+            self._response.close()
+            self._response.release_conn()

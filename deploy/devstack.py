@@ -164,7 +164,7 @@ def dev_secret(name: str) -> str:
     """A random secret kept in var/ so data stays readable across runs."""
     path = VAR / name
     if not path.exists():
-        path.write_text(secrets.token_urlsafe(24))
+        path.write_text(secrets.token_urlsafe(32))
         path.chmod(0o600)
     return path.read_text().strip()
 
@@ -219,6 +219,8 @@ def main() -> int:
                 f"http://127.0.0.1:{env['PORT']}/v1/images/my-photo\n",
                 flush=True,
             )
+        if not env.get("PICSTREAM_SIGNING_KEY"):
+            env["PICSTREAM_SIGNING_KEY"] = dev_secret("dev-signing-key")
         try:
             Settings.from_env(env)
         except ConfigError as exc:

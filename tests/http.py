@@ -131,3 +131,52 @@ class Api:
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Authorization: Bearer {self.key}\r\n{extra}\r\n"
         ).encode()
+
+
+@dataclass
+class Event:
+    id: str | None
+    event: str
+    data: Any
+
+
+class EventReader:
+    """A Server-Sent Events stream read through http.client (which undoes the chunking)."""
+
+    def __init__(
+        self, api: Api, path: str, last_event_id: str | None = None, timeout: float = 60
+    ) -> None:
+        self.conn = http.client.HTTPConnection(api.host, api.port, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api.key}", "Accept": "text/event-stream"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        self.conn.request("GET", path, headers=headers)
+        self.response = self.conn.getresponse()
+        self.comments = 0
+
+    def next(self) -> Event | None:
+        """The next event, or None when the server ended the stream."""
+        fields: dict[str, str] = {}
+        while True:
+            line = self.response.readline()
+            if not line:
+                return None
+            text = line.decode().rstrip("\r\n")
+            if text == "":
+                if "event" in fields or "data" in fields:
+                    data = fields.get("data", "")
+                    return Event(
+                        fields.get("id"),
+                        fields.get("event", "message"),
+                        json.loads(data) if data.startswith("{") else data,
+                    )
+                continue
+            if text.startswith(":"):
+                self.comments += 1
+                continue
+            name, _, value = text.partition(":")
+            value = value.removeprefix(" ")
+            fields[name] = fields[name] + "\n" + value if name in fields else value
+
+    def close(self) -> None:
+        self.conn.close()

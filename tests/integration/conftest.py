@@ -13,10 +13,13 @@ from pathlib import Path
 import falcon.testing
 import pytest
 from redis import Redis
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
 
 from api.app import create_app
 from api.main import build_services
 from api.uploads import Services
+from core.jobs import make_queue
 from core.settings import Settings
 from core.storage import Store
 from tests import servers
@@ -24,6 +27,7 @@ from tests.http import Api
 
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef00"
+SIGNING_KEY = "signing-key-for-tests-0123456789abcdef"
 MiB = 1024 * 1024
 
 
@@ -60,8 +64,15 @@ def make_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict[str, st
         "PICSTREAM_MAX_UPLOAD_BYTES": "300MiB",
         "PICSTREAM_READ_TIMEOUT": "2",
         "PICSTREAM_WEB_WORKERS": "1",
-        "PICSTREAM_WEB_THREADS": "8",
+        "PICSTREAM_WEB_THREADS": "12",
+        "PICSTREAM_MAX_UPLOADS": "6",
+        "PICSTREAM_MAX_EVENT_STREAMS": "4",
+        "PICSTREAM_SSE_HEARTBEAT": "1",
+        "PICSTREAM_SIGNING_KEY": SIGNING_KEY,
         "PICSTREAM_LOG_LEVEL": "info",
+        # Conversion retries after a transient failure: seconds, not minutes, in tests.
+        "PICSTREAM_RETRY_INTERVALS": "1,1,1,1",
+        "PICSTREAM_WEBHOOK_RETRY_INTERVALS": "1,1,1",
     }
     env.update(overrides)
     return env
@@ -104,6 +115,7 @@ def services(settings: Settings, store: Store) -> Iterator[Services]:
     built = build_services(settings)
     yield built
     built.executor.shutdown(wait=True)
+    built.download_pool.shutdown(wait=True)
 
 
 @pytest.fixture()
@@ -139,6 +151,51 @@ def start_api(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture()
+def worker_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The test settings in os.environ: a job run in-process reads its settings there,
+    as `python -m worker` does."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture()
+def run_jobs(
+    worker_env: dict[str, str], redis_client: Redis, settings: Settings
+) -> Callable[[], None]:
+    """Run every queued conversion in-process: rq's SimpleWorker in burst mode on both
+    queues (fresh uploads first), enqueuing retries that are due before it starts."""
+
+    def run() -> None:
+        queues = [
+            make_queue(redis_client, name, settings.job_timeout)
+            for name in (settings.queue, settings.bulk_queue)
+        ]
+        worker = SimpleWorker(queues, connection=redis_client, serializer=JSONSerializer)
+        worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
+
+    return run
+
+
+@pytest.fixture()
+def client_with(
+    env: dict[str, str], store: Store
+) -> Iterator[Callable[..., falcon.testing.TestClient]]:
+    """An in-process app with settings overridden (PICSTREAM_PROFILES=..., limits...)."""
+    built: list[Services] = []
+
+    def make(**overrides: str) -> falcon.testing.TestClient:
+        services = build_services(Settings.from_env({**env, **overrides}))
+        built.append(services)
+        return falcon.testing.TestClient(create_app(services))
+
+    yield make
+    for services in built:
+        services.executor.shutdown(wait=True)
+        services.download_pool.shutdown(wait=True)
 
 
 def pytest_report_header() -> str:

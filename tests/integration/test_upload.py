@@ -59,7 +59,12 @@ def test_raw_upload_is_stored_recorded_and_queued(
     # Orientation 6 stores 640x480 and displays 480x640.
     assert (record["width"], record["height"], record["orientation"]) == (480, 640, 6)
     assert record["filename"] == "cat.jpg"
-    assert record["variants"] == []
+    # The default profile's variants, planned from the header: 480 px wide, so w2048 would
+    # only repeat w1024 (made at the original size) and is left out.
+    assert record["profile"] == "default"
+    assert [(v["name"], v["status"]) for v in record["variants"]] == [
+        (f"w{w}.{ext}", "pending") for ext in ("avif", "webp", "jpg") for w in (256, 1024)
+    ]
     assert record["created_at"].endswith("Z")
 
     key = original_key("alice", record["id"])
@@ -68,7 +73,7 @@ def test_raw_upload_is_stored_recorded_and_queued(
     assert info.content_type == "image/jpeg"
     assert info.metadata["picstream-blake3"] == record["blake3"]
     assert json.loads(stored_bytes(store, record_key("alice", record["id"]))) == {
-        k: v for k, v in record.items() if k != "url"
+        k: v for k, v in record.items() if k not in ("url", "original_url")
     }
     assert queued_jobs(redis_client, settings) == [{"owner": "alice", "image_id": record["id"]}]
     assert api.request("GET", f"/v1/images/{record['id']}").json == record

@@ -1,0 +1,72 @@
+"""Per-process limits on long-lived requests, so one kind cannot starve the others.
+
+gunicorn's gthread worker serves each request on one of a fixed number of threads, and an
+upload or an event stream holds its thread for its whole duration. Uploads also hold up to
+two part buffers each. So each kind gets its own budget of slots; a request beyond it gets a
+503 with Retry-After at once instead of queueing behind the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from core.errors import Busy
+
+
+class Slots:
+    def __init__(self, limit: int, what: str, retry_after: int = 5) -> None:
+        self.limit = limit
+        self.what = what
+        self.retry_after = retry_after
+        self._free = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+    def admit(self) -> None:
+        if not self._free.acquire(blocking=False):
+            raise Busy(f"too many {self.what} in progress; retry shortly", self.retry_after)
+        with self._lock:
+            self._held += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._held -= 1
+        self._free.release()
+
+    def counted(self, body: Iterator[bytes]) -> CountedBody:
+        """A response body that gives its slot back when the server closes it."""
+        return CountedBody(body, self)
+
+
+class CountedBody:
+    """A WSGI response iterable: `close()` (always called by the server, also when the
+    client has gone or iteration never began) closes the inner body and frees the slot."""
+
+    def __init__(self, body: Iterator[bytes], slots: Slots) -> None:
+        self.body = body
+        self.slots = slots
+        self._closed = False
+
+    def __iter__(self) -> CountedBody:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self.body)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            closer: Any = getattr(self.body, "close", None)
+            if closer is not None:
+                closer()
+        finally:
+            self.slots.release()

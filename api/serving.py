@@ -1,0 +1,261 @@
+"""The read side: downloads (original, variants, best match), listing, deletion, events.
+
+Every resource is owner-scoped through the record lookup: another owner's id is a 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import falcon
+
+from api.downloads import Blob, serve
+from api.events import EventStream
+from api.uploads import Services
+from api.views import Signer, record_json
+from core import events
+from core.errors import BadRequest, NotFound, StorageUnavailable
+from core.models import (
+    ImageRecord,
+    Variant,
+    image_prefix,
+    original_key,
+    validate_image_id,
+    variant_key,
+)
+from core.signing import sign
+from core.sniff import MIME_TYPES
+from core.webhooks import check_url
+
+log = logging.getLogger(__name__)
+
+# Best format first; what `Accept` must name for each (jpeg/png are always acceptable).
+PREFERENCE = ("avif", "webp", "jpeg", "png", "gif")
+
+
+def _modified(record: ImageRecord) -> datetime:
+    return datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
+
+
+def _record(services: Services, req: falcon.Request, image_id: str) -> ImageRecord:
+    return services.records.get(req.context.owner, validate_image_id(image_id))
+
+
+def original_blob(record: ImageRecord) -> Blob:
+    return Blob(
+        key=original_key(record.owner, record.id),
+        size=record.size,
+        blake3=record.blake3,
+        content_type=record.content_type,
+        modified=_modified(record),
+        filename=record.filename,
+    )
+
+
+def variant_blob(record: ImageRecord, variant: Variant) -> Blob:
+    assert variant.format and variant.size is not None and variant.blake3
+    stem = (record.filename or record.id).rsplit(".", 1)[0]
+    return Blob(
+        key=variant_key(record.owner, record.id, variant.name),
+        size=variant.size,
+        blake3=variant.blake3,
+        content_type=MIME_TYPES.get(variant.format, "application/octet-stream"),
+        modified=_modified(record),
+        filename=f"{stem}-{variant.name}",
+    )
+
+
+def ready_variant(record: ImageRecord, name: str) -> Variant:
+    for variant in record.variants:
+        if variant.name == name and variant.status == "ready":
+            return variant
+    raise NotFound(f"image {record.id!r} has no ready variant {name!r}")
+
+
+def _maybe_redirect(
+    services: Services, req: falcon.Request, resp: falcon.Response, blob: Blob
+) -> bool:
+    """`?redirect=1`: a short-lived presigned URL on the public S3 endpoint instead."""
+    if not req.get_param_as_bool("redirect", default=False):
+        return False
+    url = services.presigner.url(blob.key, blob.content_type)
+    resp.status = falcon.HTTP_302
+    resp.location = url
+    resp.set_header("Cache-Control", "no-store")
+    return True
+
+
+class Original:
+    """/v1/images/{image_id}/original"""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        blob = original_blob(_record(self.s, req, image_id))
+        if not _maybe_redirect(self.s, req, resp, blob):
+            serve(req, resp, self.s.store, blob, self.s.download_pool)
+
+    on_head = on_get
+
+
+class VariantFile:
+    """/v1/images/{image_id}/variants/{name}"""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str, name: str) -> None:
+        record = _record(self.s, req, image_id)
+        blob = variant_blob(record, ready_variant(record, name))
+        if not _maybe_redirect(self.s, req, resp, blob):
+            serve(req, resp, self.s.store, blob, self.s.download_pool)
+
+    on_head = on_get
+
+
+def accepted_formats(accept: str | None) -> set[str]:
+    """Which of our output formats the client takes, from its Accept header."""
+    if not accept:
+        return {"jpeg", "png", "gif"}
+    formats = {"jpeg", "png", "gif"}  # what every browser displays
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        if "q=0" in params.replace(" ", "") and "q=0." not in params.replace(" ", ""):
+            continue  # explicitly refused
+        media = media.strip().lower()
+        for fmt in ("avif", "webp"):
+            if media == f"image/{fmt}":
+                formats.add(fmt)
+    return formats
+
+
+def best_variant(record: ImageRecord, width: int, accept: str | None) -> Variant:
+    """The smallest ready variant at least `width` wide (else the widest), in the best
+    format the client accepts."""
+    acceptable = accepted_formats(accept)
+    ready = [v for v in record.variants if v.status == "ready" and v.format in acceptable]
+    if not ready:
+        raise NotFound(f"image {record.id!r} has no ready variant this client accepts")
+    wide_enough = [v for v in ready if (v.width or 0) >= width]
+    if wide_enough:
+        target = min(v.width or 0 for v in wide_enough)
+    else:
+        target = max(v.width or 0 for v in ready)
+    candidates = [v for v in ready if (v.width or 0) == target]
+    return min(candidates, key=lambda v: PREFERENCE.index(v.format or "png"))
+
+
+class Best:
+    """/v1/images/{image_id}/best?width=N"""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        record = _record(self.s, req, image_id)
+        width = req.get_param_as_int("width", min_value=1, max_value=100_000, default=1)
+        variant = best_variant(record, width, req.get_header("Accept"))
+        resp.set_header("Vary", "Accept")
+        serve(req, resp, self.s.store, variant_blob(record, variant), self.s.download_pool)
+
+    on_head = on_get
+
+
+def _encode_cursor(score: int, image_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score}:{image_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, _, image_id = raw.partition(":")
+        return int(score), validate_image_id(image_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, BadRequest):
+        raise BadRequest("cursor is not one this API returned") from None
+
+
+def list_page(
+    services: Services, req: falcon.Request, limit: int, cursor: str | None
+) -> dict[str, Any]:
+    after = _decode_cursor(cursor) if cursor else None
+    records, last = services.records.page(req.context.owner, limit, after)
+    page: dict[str, Any] = {"images": [record_json(req, r) for r in records]}
+    page["next_cursor"] = _encode_cursor(*last) if last else None
+    return page
+
+
+class Events:
+    """/v1/images/{image_id}/events: Server-Sent Events until the image is ready/failed."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        record = _record(self.s, req, image_id)
+        self.s.stream_slots.admit()
+        try:
+            stream = EventStream(
+                self.s.hub, record.owner, record.id, self.s.settings.sse_heartbeat
+            ).open(record, req.get_header("Last-Event-ID"))
+        except BaseException:
+            self.s.stream_slots.release()
+            raise
+        resp.content_type = "text/event-stream"
+        resp.set_header("Cache-Control", "no-store")
+        resp.set_header("X-Accel-Buffering", "no")  # tell nginx not to buffer the stream
+        resp.stream = self.s.stream_slots.counted(stream)
+
+
+@contextmanager
+def upload_slot(services: Services) -> Iterator[None]:
+    """Hold one of the process's upload slots for the duration of an upload."""
+    services.upload_slots.admit()
+    try:
+        yield
+    finally:
+        services.upload_slots.release()
+
+
+def signer(services: Services, req: falcon.Request) -> Signer | None:
+    """With `?signed=SECONDS`, a signer for links valid that long (at most a week)."""
+    ttl = req.get_param_as_int("signed", min_value=1, max_value=7 * 86_400)
+    if ttl is None:
+        return None
+    key = services.settings.signing_key
+    if key is None:
+        raise BadRequest("signed links are not enabled here (PICSTREAM_SIGNING_KEY is not set)")
+    owner = req.context.owner
+    return lambda path: sign(key, path, owner, ttl)
+
+
+def delete_image(services: Services, owner: str, image_id: str) -> bool:
+    """Remove the record (a conversion in flight stops writing), then every object of the
+    image. True when all is gone now; False when the store failed and the files are left
+    to the janitor's purge list (the image is already gone for every client)."""
+    services.records.delete(
+        owner, image_id, also=lambda pipe, _: events.append(pipe, owner, image_id, DELETED)
+    )
+    prefix = image_prefix(owner, image_id)
+    try:
+        services.store.delete_prefix(prefix)
+    except StorageUnavailable as exc:
+        log.warning("deleting %s failed (%s); queued for the janitor", prefix, exc.detail)
+        services.records.queue_purge(prefix)
+        return False
+    return True
+
+
+DELETED = {"type": "deleted", "status": "deleted"}
+
+
+def callback(services: Services, req: falcon.Request) -> str | None:
+    """`?callback=URL`: checked against the webhook allow-list before the body is read."""
+    url = req.get_param("callback")
+    return check_url(url, services.settings.webhook_hosts) if url else None

@@ -1,0 +1,256 @@
+"""Download throughput and memory, and 500 live event watchers on one API process.
+
+    .venv/bin/python -m bench.download [--mib 1024] [--rounds 3] [--watchers 500]
+
+Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback.
+1. The same original fetched (a) with the minio SDK's get_object straight from the store and
+   (b) through the API; MiB/s, the ratio (b)/(a) and the gunicorn worker's RSS.
+2. N Server-Sent Events watchers held open against that one process (over 100 images) while
+   uploads run; events are appended to the images' Redis streams as the worker would, and
+   the time until every watcher has each one is measured. Prints threads, RSS, latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import selectors
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from redis import Redis
+
+from core.events import events_key
+from core.settings import Settings
+from core.storage import Store
+from tests import servers
+from tests.http import Api
+from tests.images import Body, png
+from tests.servers import PeakRss, cpu_seconds, rss_kib
+
+MiB = 1024 * 1024
+KEY = "bench-key-0123456789abcdef"
+
+
+def threads_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def sdk_get(store: Store, key: str) -> int:
+    response = store.client.get_object(store.bucket, key)
+    total = 0
+    try:
+        for chunk in response.stream(1024 * 1024):
+            total += len(chunk)
+    finally:
+        response.close()
+        response.release_conn()
+    return total
+
+
+def api_get(api: Api, path: str) -> int:
+    with socket.create_connection((api.host, api.port)) as sock:
+        sock.sendall(api.headers_for("GET", path))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+        _, _, body = head.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        total = len(body)
+        buf = bytearray(1024 * 1024)
+        while total < length:
+            got = sock.recv_into(buf)
+            if not got:
+                break
+            total += got
+    return total
+
+
+def downloads(api: Api, store: Store, pid: int, weed_pid: int, size: int, rounds: int) -> None:
+    body = Body(size)
+    created = api.upload(iter(body), headers={"Content-Length": str(size)})
+    assert created.status == 201, created.body
+    image_id = created.json["id"]
+    key = f"bench/{image_id}/original"
+    path = f"/v1/images/{image_id}/original"
+    sdk, ours, peaks = [], [], []
+    cpu = {"gunicorn": 0.0, "weed": 0.0}
+    baseline = rss_kib(pid)
+    for n in range(rounds):
+        started = time.perf_counter()
+        assert sdk_get(store, key) == size
+        sdk.append(time.perf_counter() - started)
+        before = {"gunicorn": cpu_seconds(pid), "weed": cpu_seconds(weed_pid)}
+        with PeakRss(pid) as peak:
+            started = time.perf_counter()
+            assert api_get(api, path) == size
+            ours.append(time.perf_counter() - started)
+        cpu["gunicorn"] += cpu_seconds(pid) - before["gunicorn"]
+        cpu["weed"] += cpu_seconds(weed_pid) - before["weed"]
+        peaks.append(peak.peak)
+        print(
+            f"round {n + 1}: (a) SDK {size / MiB / sdk[-1]:.0f} MiB/s"
+            f"  (b) API {size / MiB / ours[-1]:.0f} MiB/s",
+            flush=True,
+        )
+    a, b = size / MiB / statistics.median(sdk), size / MiB / statistics.median(ours)
+    print(f"\n{size // MiB} MiB original, {rounds} rounds (median)")
+    print(f"(a) minio SDK get_object from the store   {a:8.1f} MiB/s")
+    print(f"(b) through the API                       {b:8.1f} MiB/s")
+    print(f"ratio (b)/(a) = {b / a:.2f}   target >= 0.9")
+    gib = size * rounds / 1024**3
+    print(
+        f"CPU seconds per GiB through the API: gunicorn {cpu['gunicorn'] / gib:.2f},"
+        f" weed {cpu['weed'] / gib:.2f}"
+    )
+    print(
+        f"gunicorn worker RSS: {baseline / 1024:.0f} MiB before,"
+        f" peak {max(peaks) / 1024:.0f} MiB during downloads\n"
+    )
+
+
+class Watchers:
+    """N raw SSE connections multiplexed on one selector; records when each event arrives."""
+
+    def __init__(self, api: Api, paths: list[str]) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.arrivals: dict[str, list[float]] = {}
+        self.buffers: dict[socket.socket, bytes] = {}
+        for path in paths:
+            sock = socket.create_connection((api.host, api.port))
+            sock.sendall(api.headers_for("GET", path, "Accept: text/event-stream\r\n"))
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+            self.buffers[sock] = b""
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for key, _ in self.selector.select(timeout=0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    self.selector.unregister(sock)
+                    continue
+                now = time.perf_counter()
+                *messages, rest = (self.buffers[sock] + data).split(b"\n\n")
+                self.buffers[sock] = rest
+                for message in messages:
+                    if b'"name":"probe-' in message:
+                        probe = message.split(b'"name":"', 1)[1].split(b'"', 1)[0].decode()
+                        self.arrivals.setdefault(probe, []).append(now)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for sock in list(self.buffers):
+            sock.close()
+
+
+def watchers_bench(api: Api, redis: Redis, pid: int, count: int) -> None:
+    ids = [api.upload(png(8, 8)).json["id"] for _ in range(100)]  # no worker: all processing
+    paths = [f"/v1/images/{ids[n % len(ids)]}/events" for n in range(count)]
+    idle_rss, idle_threads = rss_kib(pid), threads_of(pid)
+    watchers = Watchers(api, paths)
+    time.sleep(3)
+    print(
+        f"{count} watchers open: gunicorn worker threads {idle_threads} -> {threads_of(pid)},"
+        f" RSS {idle_rss / 1024:.0f} -> {rss_kib(pid) / 1024:.0f} MiB"
+    )
+
+    uploading = threading.Event()
+
+    def upload_loop() -> None:
+        body = Body(32 * MiB)
+        while not uploading.is_set():
+            api.upload(iter(body), headers={"Content-Length": str(body.size)})
+
+    uploader = threading.Thread(target=upload_loop, daemon=True)
+    uploader.start()
+    latencies: list[float] = []
+    per_image = count // len(ids) or 1
+    for n in range(20):
+        probe = f"probe-{n}"
+        sent = time.perf_counter()
+        pipe = redis.pipeline()
+        for image_id in ids:
+            pipe.xadd(
+                events_key("bench", image_id), {"type": "variant", "name": probe, "status": "ready"}
+            )
+        pipe.execute()
+        deadline = sent + 10
+        while len(watchers.arrivals.get(probe, [])) < count and time.perf_counter() < deadline:
+            time.sleep(0.005)
+        got = watchers.arrivals.get(probe, [])
+        latencies.extend(t - sent for t in got)
+        if len(got) < count:
+            print(f"  {probe}: only {len(got)} of {count} watchers got it within 10 s")
+        time.sleep(0.2)
+    uploading.set()
+    uploader.join()
+    latencies.sort()
+    print(
+        f"event latency over {len(latencies)} deliveries ({per_image} watchers per image,"
+        f" uploads running): p50 {latencies[len(latencies) // 2] * 1000:.0f} ms,"
+        f" p95 {latencies[int(len(latencies) * 0.95)] * 1000:.0f} ms,"
+        f" max {latencies[-1] * 1000:.0f} ms"
+    )
+    print(f"while watching: threads {threads_of(pid)}, RSS {rss_kib(pid) / 1024:.0f} MiB")
+    watchers.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--watchers", type=int, default=500)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="picstream-bench-") as tmp:
+        work = Path(tmp)
+        redis_srv = servers.start_redis(work / "redis")
+        s3 = servers.start_seaweedfs(work / "s3")
+        web = None
+        try:
+            env = {
+                "PORT": str(servers.free_port()),
+                "REDIS_URL": redis_srv.extra["url"],
+                "S3_ENDPOINT": s3.extra["endpoint"],
+                "S3_ACCESS_KEY": servers.S3_KEY,
+                "S3_SECRET_KEY": servers.S3_SECRET,
+                "S3_BUCKET": "bench",
+                "PICSTREAM_API_KEYS": f"bench:{KEY}",
+                "PICSTREAM_MAX_UPLOAD_BYTES": "4GiB",
+                "PICSTREAM_WEB_WORKERS": "1",
+                "PICSTREAM_LOG_LEVEL": "warning",
+                "PICSTREAM_WEB_THREADS": str(args.watchers + 40),
+                "PICSTREAM_MAX_EVENT_STREAMS": str(args.watchers + 10),
+                "PICSTREAM_MAX_UPLOADS": "16",
+            }
+            Store.from_settings(Settings.from_env(env)).ensure_bucket()
+            web = servers.start_gunicorn(env, work / "web")
+            time.sleep(1)
+            (pid,) = servers.worker_pids(web)
+            api = Api("127.0.0.1", web.port, KEY)
+            store = Store.from_settings(Settings.from_env(env))
+            downloads(api, store, pid, s3.proc.pid, args.mib * MiB, args.rounds)
+            watchers_bench(api, Redis.from_url(redis_srv.extra["url"]), pid, args.watchers)
+        finally:
+            for server in (web, s3, redis_srv):
+                if server:
+                    server.stop()
+
+
+if __name__ == "__main__":
+    main()
