@@ -27,6 +27,7 @@ from rq import Queue, Worker
 from rq.job import Job
 
 import worker.convert  # noqa: F401 - pyvips/Pillow loaded once, before the fork
+from core.janitor import run_periodically
 from core.jobs import make_queue
 from core.records import connect
 from core.settings import Settings
@@ -75,6 +76,7 @@ def main() -> None:
         work_horse_killed_handler=horse_killed,
     )
     worker.job_memory = settings.job_memory
+    run_periodically(settings)  # stale multipart uploads and pending purges
     worker.work(with_scheduler=True, logging_level=settings.log_level.upper())
 
 

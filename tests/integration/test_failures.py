@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from core.errors import StorageUnavailable
 from core.ingest import Ingest, Limits, ReadSource
@@ -15,7 +16,7 @@ from core.sink import ObjectSink
 from core.storage import Store
 from tests import servers
 from tests.http import Api
-from tests.images import Body
+from tests.images import Body, png
 from tests.integration.conftest import make_env
 
 MiB = 1024 * 1024
@@ -92,3 +93,24 @@ def test_translated_errors_name_no_credentials(settings: Settings) -> None:
         Store.from_settings(dead).ping()
     assert "secret-never-shown" not in info.value.detail
     assert "AKIA-VISIBLE" not in info.value.detail
+
+
+def test_delete_while_the_store_is_down_is_finished_later(
+    start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
+    redis_server: servers.Server,
+    redis_client: Redis,
+    workdir: Path,
+) -> None:
+    doomed = servers.start_seaweedfs(workdir / "s3-doomed-delete")
+    try:
+        env = make_env(redis_server.extra["url"], doomed.extra["endpoint"])
+        Store.from_settings(Settings.from_env(env)).ensure_bucket()
+        _, api = start_api(env)
+        image_id = api.upload(png(4, 4)).json["id"]
+        doomed.stop()
+        gone = api.request("DELETE", f"/v1/images/{image_id}")
+        assert gone.status == 202  # gone for clients; the files wait for the janitor
+        assert api.request("GET", f"/v1/images/{image_id}").status == 404
+        assert redis_client.smembers("picstream:purge") == {f"alice/{image_id}/".encode()}
+    finally:
+        doomed.stop()

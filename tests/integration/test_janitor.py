@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from core.janitor import abort_stale_uploads
+from core.janitor import abort_stale_uploads, sweep_purges
+from core.records import Records, connect
+from core.settings import Settings
 from core.storage import Store
 
 
@@ -17,3 +19,15 @@ def test_only_stale_incomplete_uploads_are_aborted(store: Store) -> None:
     later = datetime.now(UTC) + timedelta(hours=2)
     assert abort_stale_uploads(store, timedelta(hours=1), now=later) == 1
     assert store.incomplete_uploads() == []
+
+
+def test_pending_purges_are_finished(store: Store, settings: Settings) -> None:
+    # As a DELETE leaves it when the store failed after the record was removed.
+    store.put_json("alice/gone/record.json", {"id": "gone"})
+    store.put("alice/gone/w256.webp", b"RIFF....", "image/webp", {})
+    store.put("alice/kept/original", b"x", "image/png", {})
+    records = Records(connect(settings))
+    records.queue_purge("alice/gone/")
+    assert sweep_purges(store, records) == 1
+    assert store.keys("") == ["alice/kept/original"]
+    assert records.purges() == []
