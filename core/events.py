@@ -8,7 +8,8 @@ in the same MULTI/EXEC as the record change it reports, so the stream and the re
 disagree. The entry's id (`1732190400000-0`) orders events and is what a client resumes from.
 Fields (all strings):
 
-    type     "status" (the image) | "variant" (one variant)
+    type     "status" (the image) | "variant" (one variant) | "deleted" (the image was
+             deleted: the last event of its stream; appended by the API's DELETE)
     status   image: processing | ready | failed;  variant: pending | ready | failed
     name     variant name, e.g. "w1024.webp"                        (variant events only)
     error    why it failed                                         (failed only, optional)
