@@ -81,7 +81,7 @@ def check_ready(
     problems: list[str] = []
     verdicts: set[str] = set()
     for variant in record["variants"]:
-        data = store_bytes(store, f"{record['owner']}/{record['id']}/{variant['name']}")
+        data = store.read_bytes(f"{record['owner']}/{record['id']}/{variant['name']}")
         image = pyvips.Image.new_from_buffer(data, "")
         if (image.width, _page_height(image)) != (variant["width"], variant["height"]):
             problems.append(f"{variant['name']} size differs from its record")
@@ -100,15 +100,6 @@ def check_ready(
 def _page_height(image: pyvips.Image) -> int:
     page = image.get("page-height") if image.get_typeof("page-height") else 0
     return int(page) if page and image.height % page == 0 else int(image.height)
-
-
-def store_bytes(store: Store, key: str) -> bytes:
-    response = store.client.get_object(store.bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
 
 
 def wait(api: Api, image_id: str) -> dict[str, Any]:

@@ -124,26 +124,16 @@ class Records:
         a job) in the same transaction. Returns the new record, or None when the record does
         not exist: an update never recreates a deleted image. `change` may raise to abort.
         """
-        key = _image_key(owner, image_id)
-        with _translated("record update"), self.redis.pipeline(transaction=True) as pipe:
-            for _ in range(_MAX_RACES):
-                try:
-                    pipe.watch(key)  # type: ignore[no-untyped-call]
-                    raw = pipe.get(key)
-                    if raw is None:
-                        return None
-                    record = change(ImageRecord.from_dict(json.loads(raw)))
-                    pipe.multi()
-                    pipe.set(key, json.dumps(record.to_dict(), separators=(",", ":")))
-                    if also is not None:
-                        also(pipe, record)
-                    pipe.execute()
-                    return record
-                except WatchError:
-                    continue
-                finally:
-                    pipe.reset()
-        raise QueueUnavailable(f"record update of {image_id!r} lost {_MAX_RACES} races in a row")
+
+        def write(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord:
+            record = change(record)
+            pipe.multi()
+            pipe.set(key, json.dumps(record.to_dict(), separators=(",", ":")))
+            if also is not None:
+                also(pipe, record)
+            return record
+
+        return self._watched(owner, image_id, "record update", write)
 
     def page(
         self, owner: str, limit: int, after: tuple[int, str] | None
@@ -186,27 +176,46 @@ class Records:
     def delete(self, owner: str, image_id: str, also: Also | None = None) -> ImageRecord:
         """Remove the record and its index entry (and queue `also`, e.g. an event) in one
         transaction. A conversion in flight loses its WATCH race and stops writing."""
+
+        def remove(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord:
+            pipe.multi()
+            pipe.delete(key)
+            pipe.zrem(_index_key(owner), image_id)
+            if also is not None:
+                also(pipe, record)
+            return record
+
+        record = self._watched(owner, image_id, "record delete", remove)
+        if record is None:
+            raise NotFound(f"no image {image_id!r}")
+        return record
+
+    def _watched(
+        self,
+        owner: str,
+        image_id: str,
+        action: str,
+        write: Callable[[Pipeline, str, ImageRecord], ImageRecord],
+    ) -> ImageRecord | None:
+        """Optimistic transaction on one record: WATCH, read, let `write` queue commands
+        after MULTI, EXEC; start over when another writer got in between. None when the
+        record does not exist."""
         key = _image_key(owner, image_id)
-        with _translated("record delete"), self.redis.pipeline(transaction=True) as pipe:
+        with _translated(action), self.redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_RACES):
                 try:
                     pipe.watch(key)  # type: ignore[no-untyped-call]
                     raw = pipe.get(key)
                     if raw is None:
-                        raise NotFound(f"no image {image_id!r}")
-                    record = ImageRecord.from_dict(json.loads(raw))
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.zrem(_index_key(owner), image_id)
-                    if also is not None:
-                        also(pipe, record)
+                        return None
+                    record = write(pipe, key, ImageRecord.from_dict(json.loads(raw)))
                     pipe.execute()
                     return record
                 except WatchError:
                     continue
                 finally:
                     pipe.reset()
-        raise QueueUnavailable(f"record delete of {image_id!r} lost {_MAX_RACES} races in a row")
+        raise QueueUnavailable(f"{action} of {image_id!r} lost {_MAX_RACES} races in a row")
 
     def queue_purge(self, prefix: str) -> None:
         """Remember an image prefix whose objects still have to be deleted (core/janitor)."""

@@ -168,14 +168,18 @@ class Store:
         body = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
         self.put(key, body, "application/json", {})
 
-    def get_json(self, key: str) -> Any:
+    def read_bytes(self, key: str) -> bytes:
+        """A whole (small) object in memory: records, test and benchmark checks."""
         with _translated("read"):
             response = self.client.get_object(self.bucket, key)
             try:
-                return json.loads(response.read())
+                return bytes(response.read())
             finally:
                 response.close()
                 response.release_conn()
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
 
     def download(self, key: str, out: BinaryIO, chunk_size: int = 1024 * 1024) -> int:
         """Stream one object into a file in `chunk_size` pieces (constant memory, whatever

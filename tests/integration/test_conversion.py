@@ -64,15 +64,6 @@ def get(client: falcon.testing.TestClient, image_id: str) -> dict[str, Any]:
     return record
 
 
-def stored(store: Store, key: str) -> bytes:
-    response = store.client.get_object(store.bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def in_redis(redis_client: Redis, image_id: str) -> dict[str, Any]:
     """The stored record (the API adds links on top of it)."""
     return Records(redis_client).get("alice", image_id).to_dict()
@@ -120,7 +111,7 @@ def test_an_upload_ends_ready_with_every_variant_in_the_bucket(
     )
     for name, variant in by_name.items():
         assert variant["status"] == "ready", variant
-        data = stored(store, variant_key("alice", image_id, name))
+        data = store.read_bytes(variant_key("alice", image_id, name))
         assert (variant["size"], variant["blake3"]) == (len(data), blake3(data).hexdigest())
         image = pyvips.Image.new_from_buffer(data, "")
         assert (image.width, image.height) == (variant["width"], variant["height"])
@@ -129,7 +120,7 @@ def test_an_upload_ends_ready_with_every_variant_in_the_bucket(
         assert info.content_type == f"image/{variant['format']}"
         assert info.metadata["picstream-blake3"] == variant["blake3"]
     # The bucket copy is in step with Redis.
-    assert json.loads(stored(store, record_key("alice", image_id))) == in_redis(
+    assert json.loads(store.read_bytes(record_key("alice", image_id))) == in_redis(
         redis_client, image_id
     )
 
@@ -249,7 +240,7 @@ def test_running_a_job_twice_gives_the_same_variants(
     image_id = upload(client, pixels.jpeg_with_orientation(3, 400, 300))["id"]
     run_jobs()
     first = get(client, image_id)
-    objects = {k: stored(store, k) for k in store.keys(f"alice/{image_id}/")}
+    objects = {k: store.read_bytes(k) for k in store.keys(f"alice/{image_id}/")}
 
     with services.records.redis.pipeline(transaction=True) as pipe:
         pipe.multi()
@@ -257,7 +248,7 @@ def test_running_a_job_twice_gives_the_same_variants(
         pipe.execute()
     run_jobs()
     assert get(client, image_id) == first
-    assert {k: stored(store, k) for k in store.keys(f"alice/{image_id}/")} == objects
+    assert {k: store.read_bytes(k) for k in store.keys(f"alice/{image_id}/")} == objects
 
 
 def test_a_job_for_a_deleted_image_recreates_nothing(

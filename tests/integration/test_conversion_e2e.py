@@ -53,15 +53,6 @@ def wait_for(api: Api, image_id: str, timeout: float) -> dict[str, Any]:
         time.sleep(0.25)
 
 
-def stored(store: Store, key: str) -> bytes:
-    response = store.client.get_object(store.bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def test_an_upload_through_gunicorn_is_converted_by_a_worker_process(
     api: Api, start_worker: StartWorker, store: Store
 ) -> None:
@@ -73,7 +64,7 @@ def test_an_upload_through_gunicorn_is_converted_by_a_worker_process(
     record = wait_for(api, resp.json["id"], timeout=60)
     assert record["status"] == "ready", (record, worker.output()[-3000:])
     for variant in record["variants"]:
-        data = stored(store, variant_key("alice", record["id"], variant["name"]))
+        data = store.read_bytes(variant_key("alice", record["id"], variant["name"]))
         image = pyvips.Image.new_from_buffer(data, "")
         assert (image.width, image.height) == (variant["width"], variant["height"])
         assert abs(image.width / image.height - 1.5) < 0.01  # upright: 900x600 displayed

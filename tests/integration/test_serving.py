@@ -35,15 +35,6 @@ def photo(width: int = 640, height: int = 480) -> bytes:
     return out.getvalue()
 
 
-def stored(store: Store, key: str) -> bytes:
-    response = store.client.get_object(store.bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
-
-
 @pytest.fixture()
 def converted(api: Api, run_jobs: Callable[[], None]) -> dict[str, Any]:
     """An uploaded photo with all its variants made."""
@@ -69,7 +60,7 @@ def assert_download_headers(resp: Response, etag: str, content_type: str) -> Non
 def test_original_download_and_head(api: Api, converted: dict[str, Any], store: Store) -> None:
     url = converted["original_url"].split("127.0.0.1", 1)[1].split("/", 1)[1]
     path = "/" + url
-    body = stored(store, original_key("alice", converted["id"]))
+    body = store.read_bytes(original_key("alice", converted["id"]))
 
     got = api.request("GET", path)
     assert got.status == 200
@@ -104,7 +95,7 @@ def test_ranges(
     status: int,
     expect: tuple[int, int | None] | None,
 ) -> None:
-    body = stored(store, original_key("alice", converted["id"]))
+    body = store.read_bytes(original_key("alice", converted["id"]))
     size = len(body)
     got = api.request(
         "GET", f"/v1/images/{converted['id']}/original", headers={"Range": range_header}
@@ -144,7 +135,7 @@ def test_variants_are_served_with_their_own_etag(
     for variant in converted["variants"]:
         got = api.request("GET", f"/v1/images/{converted['id']}/variants/{variant['name']}")
         assert got.status == 200, variant
-        assert got.body == stored(store, variant_key("alice", converted["id"], variant["name"]))
+        assert got.body == store.read_bytes(variant_key("alice", converted["id"], variant["name"]))
         assert blake3(got.body).hexdigest() == variant["blake3"]
         mime = {"jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}[variant["format"]]
         assert_download_headers(got, variant["blake3"], mime)
@@ -218,7 +209,7 @@ def test_redirect_to_a_presigned_store_url(
     with urllib3.PoolManager() as pool:
         direct = pool.request("GET", location)
     assert direct.status == 200
-    assert direct.data == stored(store, original_key("alice", converted["id"]))
+    assert direct.data == store.read_bytes(original_key("alice", converted["id"]))
 
 
 def test_every_endpoint_is_owner_scoped(api: Api, converted: dict[str, Any]) -> None:

@@ -22,15 +22,6 @@ MiB = 1024 * 1024
 PART = 5 * MiB
 
 
-def stored_bytes(store: Store, key: str) -> bytes:
-    response = store.client.get_object(store.bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
-
-
 def assert_nothing_left(store: Store) -> None:
     """What a failed upload must leave behind: no object, no incomplete multipart upload."""
     assert store.incomplete_uploads() == []
@@ -68,11 +59,11 @@ def test_raw_upload_is_stored_recorded_and_queued(
     assert record["created_at"].endswith("Z")
 
     key = original_key("alice", record["id"])
-    assert stored_bytes(store, key) == body
+    assert store.read_bytes(key) == body
     info = store.stat(key)
     assert info.content_type == "image/jpeg"
     assert info.metadata["picstream-blake3"] == record["blake3"]
-    assert json.loads(stored_bytes(store, record_key("alice", record["id"]))) == {
+    assert json.loads(store.read_bytes(record_key("alice", record["id"]))) == {
         k: v for k, v in record.items() if k not in ("url", "original_url")
     }
     assert queued_jobs(redis_client, settings) == [{"owner": "alice", "image_id": record["id"]}]
@@ -87,7 +78,7 @@ def test_multipart_upload_takes_the_filename_from_the_file_field(api: Api, store
     assert resp.status == 201, resp.body
     assert resp.json["filename"] == "holiday photo.png"
     assert (resp.json["width"], resp.json["height"], resp.json["format"]) == (7, 5, "png")
-    assert stored_bytes(store, original_key("alice", resp.json["id"])) == image
+    assert store.read_bytes(original_key("alice", resp.json["id"])) == image
 
 
 @pytest.mark.parametrize("kind", ["raw", "multipart"])
@@ -104,8 +95,7 @@ def test_chunked_bodies_are_read_in_full(api: Api, store: Store, kind: str) -> N
     assert resp.json["size"] == body.size
     assert resp.json["blake3"] == body.blake3
     assert (
-        blake3(stored_bytes(store, original_key("alice", resp.json["id"]))).hexdigest()
-        == body.blake3
+        blake3(store.read_bytes(original_key("alice", resp.json["id"]))).hexdigest() == body.blake3
     )
     assert store.incomplete_uploads() == []
 
@@ -122,7 +112,7 @@ def test_a_body_many_parts_long(api: Api, store: Store, chunked: bool) -> None:
     key = original_key("alice", resp.json["id"])
     assert store.stat(key).size == body.size
     hasher = blake3()
-    hasher.update(stored_bytes(store, key))
+    hasher.update(store.read_bytes(key))
     assert hasher.hexdigest() == body.blake3
     assert store.stat(key).metadata["picstream-blake3"] == body.blake3
 
@@ -133,7 +123,7 @@ def test_bodies_at_part_boundaries(api: Api, store: Store, size: int) -> None:
     resp = api.upload(iter(body), chunked=True)
 
     assert resp.status == 201, resp.body
-    data = stored_bytes(store, original_key("alice", resp.json["id"]))
+    data = store.read_bytes(original_key("alice", resp.json["id"]))
     assert len(data) == size
     assert blake3(data).hexdigest() == body.blake3
     assert store.incomplete_uploads() == []
@@ -146,7 +136,7 @@ def test_header_arriving_one_byte_at_a_time(api: Api, store: Store) -> None:
 
     assert resp.status == 201, resp.body
     assert (resp.json["width"], resp.json["height"], resp.json["orientation"]) == (768, 1024, 8)
-    assert stored_bytes(store, original_key("alice", resp.json["id"])) == body
+    assert store.read_bytes(original_key("alice", resp.json["id"])) == body
 
 
 def test_dimensions_behind_a_large_icc_profile(api: Api) -> None:
@@ -206,4 +196,4 @@ def test_keep_alive_and_pipelined_requests_after_an_upload(api: Api, store: Stor
         assert rest.startswith(b"HTTP/1.1 200")
     finally:
         sock.close()
-    assert stored_bytes(store, original_key("alice", record["id"])) == image
+    assert store.read_bytes(original_key("alice", record["id"])) == image
