@@ -16,6 +16,7 @@ from email.utils import format_datetime
 
 import falcon
 
+from api import splice
 from api.http import (
     ByteRange,
     Unsatisfiable,
@@ -62,16 +63,18 @@ def serve(
         resp.status = falcon.HTTP_304
         return
     wanted = _range(req, blob, etag)
-    if wanted is None:
-        resp.content_length = blob.size
-        if req.method != "HEAD":
-            resp.stream = relay(store, blob.key, 0, blob.size, prefetch)
+    start, length = (0, blob.size) if wanted is None else (wanted.start, wanted.length)
+    if wanted is not None:
+        resp.status = falcon.HTTP_206
+        resp.set_header("Content-Range", wanted.content_range(blob.size))
+    resp.content_length = length
+    if req.method == "HEAD" or length == 0:
         return
-    resp.status = falcon.HTTP_206
-    resp.set_header("Content-Range", wanted.content_range(blob.size))
-    resp.content_length = wanted.length
-    if req.method != "HEAD":
-        resp.stream = relay(store, blob.key, wanted.start, wanted.length, prefetch)
+    client = splice.available(req.env)
+    if client is not None:
+        resp.stream = splice.SpliceRelay(store, blob.key, start, length, client)
+    else:
+        resp.stream = relay(store, blob.key, start, length, prefetch)
 
 
 def _range(req: falcon.Request, blob: Blob, etag: str) -> ByteRange | None:

@@ -96,8 +96,11 @@ def store(settings: Settings) -> Store:
 
 
 @pytest.fixture(scope="session")
-def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url)
+def redis_client(settings: Settings) -> Iterator[Redis]:
+    client = Redis.from_url(settings.redis_url)
+    yield client
+    client.close()
+    client.connection_pool.disconnect()
 
 
 @pytest.fixture(autouse=True)
@@ -110,12 +113,20 @@ def clean(store: Store, redis_client: Redis) -> None:
         store.delete(key)
 
 
+def close_services(services: Services) -> None:
+    """Stop the thread pools and close every pooled connection (no ResourceWarnings)."""
+    services.executor.shutdown(wait=True)
+    services.download_pool.shutdown(wait=True)
+    services.records.redis.close()
+    services.records.redis.connection_pool.disconnect()
+    services.store.client._http.clear()
+
+
 @pytest.fixture(scope="session")
 def services(settings: Settings, store: Store) -> Iterator[Services]:
     built = build_services(settings)
     yield built
-    built.executor.shutdown(wait=True)
-    built.download_pool.shutdown(wait=True)
+    close_services(built)
 
 
 @pytest.fixture()
@@ -194,8 +205,7 @@ def client_with(
 
     yield make
     for services in built:
-        services.executor.shutdown(wait=True)
-        services.download_pool.shutdown(wait=True)
+        close_services(services)
 
 
 def pytest_report_header() -> str:

@@ -23,7 +23,7 @@ from core.storage import Store
 from tests import servers
 from tests.http import Api, Response
 from tests.images import Body
-from tests.integration.conftest import BOB_KEY, SIGNING_KEY
+from tests.integration.conftest import ALICE_KEY, BOB_KEY, SIGNING_KEY
 
 MiB = 1024 * 1024
 
@@ -343,3 +343,16 @@ def test_large_download_streams_in_constant_memory_and_disconnects_release_s3(
     while worker_connections_to(pid, s3_server.port) > 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert worker_connections_to(pid, s3_server.port) <= 2
+
+
+def test_portable_relay_without_gunicorn(client: Any, store: Store) -> None:
+    # Outside gunicorn (here falcon.testing) downloads use the copying relay with read-ahead.
+    body = Body(3 * MiB + 5).read_all()
+    auth = {"Authorization": f"Bearer {ALICE_KEY}"}
+    created = client.simulate_post("/v1/images", body=body, headers=auth)
+    assert created.status_code == 201
+    path = f"/v1/images/{created.json['id']}/original"
+    whole = client.simulate_get(path, headers=auth)
+    assert whole.status_code == 200 and whole.content == body
+    part = client.simulate_get(path, headers={**auth, "Range": "bytes=1048570-2097160"})
+    assert part.status_code == 206 and part.content == body[1048570:2097161]
