@@ -29,6 +29,15 @@ from core.storage import Store
 
 CHUNK = 1024 * 1024
 IMMUTABLE = "private, max-age=31536000, immutable"
+# Without the version in the URL the bytes behind it may change (a reconvert with another
+# profile rewrites `w1024.webp`): caches must revalidate, which the ETag makes cheap.
+REVALIDATE = "private, no-cache"
+VERSION_LENGTH = 16
+
+
+def version(blake3: str) -> str:
+    """The `?v=` that pins a URL to these bytes (links in records carry it)."""
+    return blake3[:VERSION_LENGTH]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,8 @@ def serve(
     resp.set_header("ETag", etag)
     resp.set_header("Last-Modified", format_datetime(blob.modified, usegmt=True))
     resp.set_header("Accept-Ranges", "bytes")
-    resp.set_header("Cache-Control", IMMUTABLE)
+    pinned = req.get_param("v") == version(blake3=blob.blake3)
+    resp.set_header("Cache-Control", IMMUTABLE if pinned else REVALIDATE)
     resp.set_header("X-Content-Type-Options", "nosniff")
     resp.set_header("Content-Disposition", content_disposition(blob.filename))
     resp.content_type = blob.content_type

@@ -7,6 +7,7 @@ from typing import Any
 
 import falcon
 
+from api.downloads import version
 from core.models import ImageRecord
 
 Signer = Callable[[str], str]  # path -> query string that makes it readable without a key
@@ -20,19 +21,22 @@ def record_json(
     base = f"/v1/images/{record.id}"
     data = record.to_dict()
     data["url"] = f"{req.prefix}{base}"
-    data["original_url"] = _link(req, f"{base}/original", sign, data, "original")
+    data["original_url"] = _pinned(req, f"{base}/original", record.blake3)
+    if sign is not None:
+        data["original_signed_url"] = _signed(req, f"{base}/original", record.blake3, sign)
     for variant in data["variants"]:
         if variant["status"] == "ready":
             path = f"{base}/variants/{variant['name']}"
-            variant["url"] = f"{req.prefix}{path}"
+            variant["url"] = _pinned(req, path, variant["blake3"])
             if sign is not None:
-                variant["signed_url"] = f"{req.prefix}{path}?{sign(path)}"
+                variant["signed_url"] = _signed(req, path, variant["blake3"], sign)
     return data
 
 
-def _link(
-    req: falcon.Request, path: str, sign: Signer | None, data: dict[str, Any], name: str
-) -> str:
-    if sign is not None:
-        data[f"{name}_signed_url"] = f"{req.prefix}{path}?{sign(path)}"
-    return f"{req.prefix}{path}"
+def _pinned(req: falcon.Request, path: str, blake3: str) -> str:
+    """A link to exactly these bytes: `?v=` makes it cacheable as immutable."""
+    return f"{req.prefix}{path}?v={version(blake3)}"
+
+
+def _signed(req: falcon.Request, path: str, blake3: str, sign: Signer) -> str:
+    return f"{_pinned(req, path, blake3)}&{sign(path)}"

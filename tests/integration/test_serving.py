@@ -46,11 +46,16 @@ def converted(api: Api, run_jobs: Callable[[], None]) -> dict[str, Any]:
     return record
 
 
-def assert_download_headers(resp: Response, etag: str, content_type: str) -> None:
+def assert_download_headers(
+    resp: Response, etag: str, content_type: str, pinned: bool = False
+) -> None:
     assert resp.header("ETag") == f'"{etag}"'
     assert resp.header("Content-Type") == content_type
     assert resp.header("Accept-Ranges") == "bytes"
-    assert "immutable" in (resp.header("Cache-Control") or "")
+    # Links with ?v=<blake3 prefix> (as records give them) are immutable; bare paths may
+    # change after a reconvert, so caches revalidate them.
+    expected = "private, max-age=31536000, immutable" if pinned else "private, no-cache"
+    assert resp.header("Cache-Control") == expected
     assert resp.header("X-Content-Type-Options") == "nosniff"
     assert resp.header(
         "Last-Modified",
@@ -66,7 +71,7 @@ def test_original_download_and_head(api: Api, converted: dict[str, Any], store: 
     assert got.status == 200
     assert got.body == body
     assert got.header("Content-Length") == str(len(body))
-    assert_download_headers(got, converted["blake3"], "image/jpeg")
+    assert_download_headers(got, converted["blake3"], "image/jpeg", pinned=True)
     assert got.header("Content-Disposition") == (
         "inline; filename=\"ete photo.jpg\"; filename*=UTF-8''%C3%A9t%C3%A9%20photo.jpg"
     )
@@ -74,7 +79,9 @@ def test_original_download_and_head(api: Api, converted: dict[str, Any], store: 
     head = api.request("HEAD", path)
     assert head.status == 200 and head.body == b""
     assert head.header("Content-Length") == str(len(body))
-    assert_download_headers(head, converted["blake3"], "image/jpeg")
+    assert_download_headers(head, converted["blake3"], "image/jpeg", pinned=True)
+    stale = api.request("GET", path.replace("?v=", "?v=0"))
+    assert stale.header("Cache-Control") == "private, no-cache"
 
 
 @pytest.mark.parametrize(
@@ -133,6 +140,9 @@ def test_variants_are_served_with_their_own_etag(
     api: Api, converted: dict[str, Any], store: Store
 ) -> None:
     for variant in converted["variants"]:
+        assert variant["url"].endswith(f"/variants/{variant['name']}?v={variant['blake3'][:16]}")
+        pinned = api.request("HEAD", variant["url"].split(str(api.port), 1)[1])
+        assert "immutable" in (pinned.header("Cache-Control") or "")
         got = api.request("GET", f"/v1/images/{converted['id']}/variants/{variant['name']}")
         assert got.status == 200, variant
         assert got.body == store.read_bytes(variant_key("alice", converted["id"], variant["name"]))
