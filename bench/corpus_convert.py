@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ import pillow_heif
 import pyvips
 from PIL import Image, ImageChops, ImageOps, ImageStat
 
-from core.settings import Settings
+from bench.stack import running
 from core.storage import Store
-from tests import servers
 from tests.http import Api
 
 KEY = "corpus-key-0123456789abcdef"
@@ -144,30 +142,8 @@ def run(corpus: Path, api: Api, store: Store) -> dict[str, int]:
 
 def main() -> int:
     corpus = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[2] / "shared/corpus")
-    with tempfile.TemporaryDirectory(prefix="picstream-corpus-") as tmp:
-        work = Path(tmp)
-        redis = servers.start_redis(work / "redis")
-        s3 = servers.start_seaweedfs(work / "s3")
-        started = [redis, s3]
-        try:
-            env = {
-                "PORT": str(servers.free_port()),
-                "REDIS_URL": redis.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "corpus",
-                "PICSTREAM_API_KEYS": f"corpus:{KEY}",
-                "PICSTREAM_LOG_LEVEL": "warning",
-            }
-            store = Store.from_settings(Settings.from_env(env))
-            store.ensure_bucket()
-            started.append(servers.start_gunicorn(env, work / "web"))
-            started += [servers.start_worker(env, work / "workers", f"w{n}") for n in (1, 2)]
-            counts = run(corpus, Api("127.0.0.1", started[2].port, KEY), store)
-        finally:
-            for server in reversed(started):
-                server.stop()
+    with running("corpus", KEY, workers=2) as stack:
+        counts = run(corpus, stack.api, stack.store)
     print("\n" + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 1 if counts["stuck"] or counts["bad"] else 0
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from core.settings import Settings
+from bench.stack import running
 from core.sniff import SUPPORTED
-from core.storage import Store
-from tests import servers
-from tests.http import Api
 
 KEY = "corpus-key-0123456789abcdef"
 PILLOW_NAMES = {
@@ -62,41 +58,20 @@ def main() -> int:
     corpus = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parents[2] / "shared/corpus")
     truth = json.loads((corpus / "truth.json").read_text())
     failures = 0
-    with tempfile.TemporaryDirectory(prefix="picstream-corpus-") as tmp:
-        work = Path(tmp)
-        redis = servers.start_redis(work / "redis")
-        s3 = servers.start_seaweedfs(work / "s3")
-        web = None
-        try:
-            env = {
-                "PORT": str(servers.free_port()),
-                "REDIS_URL": redis.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "corpus",
-                "PICSTREAM_API_KEYS": f"corpus:{KEY}",
-                "PICSTREAM_LOG_LEVEL": "warning",
-            }
-            Store.from_settings(Settings.from_env(env)).ensure_bucket()
-            web = servers.start_gunicorn(env, work / "web")
-            api = Api("127.0.0.1", web.port, KEY)
-            for item in truth:
-                resp = api.upload((corpus / item["path"]).read_bytes())
-                record = resp.json if resp.status == 201 else {}
-                result = verdict(item, resp.status, record)
-                failures += result.startswith("FAIL")
-                got = (
-                    f"{record.get('format')} {record.get('width')}x{record.get('height')}"
-                    f" o{record.get('orientation')}"
-                    if record
-                    else resp.json.get("type", "").rsplit(":", 1)[-1]
-                )
-                print(f"{item['path']:48} {item['format']!s:9} {resp.status} {got:28} {result}")
-        finally:
-            for server in (web, s3, redis):
-                if server:
-                    server.stop()
+    with running("corpus", KEY) as stack:
+        api = stack.api
+        for item in truth:
+            resp = api.upload((corpus / item["path"]).read_bytes())
+            record = resp.json if resp.status == 201 else {}
+            result = verdict(item, resp.status, record)
+            failures += result.startswith("FAIL")
+            got = (
+                f"{record.get('format')} {record.get('width')}x{record.get('height')}"
+                f" o{record.get('orientation')}"
+                if record
+                else resp.json.get("type", "").rsplit(":", 1)[-1]
+            )
+            print(f"{item['path']:48} {item['format']!s:9} {resp.status} {got:28} {result}")
     print(f"\n{len(truth)} files, {failures} failures")
     return 1 if failures else 0
 

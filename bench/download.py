@@ -16,17 +16,15 @@ import argparse
 import selectors
 import socket
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from redis import Redis
 
+from bench.stack import running
 from core.events import events_key
-from core.settings import Settings
 from core.storage import Store
-from tests import servers
 from tests.http import Api
 from tests.images import Body, png
 from tests.servers import PeakRss, cpu_seconds, rss_kib
@@ -217,39 +215,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--watchers", type=int, default=500)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="picstream-bench-") as tmp:
-        work = Path(tmp)
-        redis_srv = servers.start_redis(work / "redis")
-        s3 = servers.start_seaweedfs(work / "s3")
-        web = None
-        try:
-            env = {
-                "PORT": str(servers.free_port()),
-                "REDIS_URL": redis_srv.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "bench",
-                "PICSTREAM_API_KEYS": f"bench:{KEY}",
-                "PICSTREAM_MAX_UPLOAD_BYTES": "4GiB",
-                "PICSTREAM_WEB_WORKERS": "1",
-                "PICSTREAM_LOG_LEVEL": "warning",
-                "PICSTREAM_WEB_THREADS": str(args.watchers + 40),
-                "PICSTREAM_MAX_EVENT_STREAMS": str(args.watchers + 10),
-                "PICSTREAM_MAX_UPLOADS": "16",
-            }
-            Store.from_settings(Settings.from_env(env)).ensure_bucket()
-            web = servers.start_gunicorn(env, work / "web")
-            time.sleep(1)
-            (pid,) = servers.worker_pids(web)
-            api = Api("127.0.0.1", web.port, KEY)
-            store = Store.from_settings(Settings.from_env(env))
-            downloads(api, store, pid, s3.proc.pid, args.mib * MiB, args.rounds)
-            watchers_bench(api, Redis.from_url(redis_srv.extra["url"]), pid, args.watchers)
-        finally:
-            for server in (web, s3, redis_srv):
-                if server:
-                    server.stop()
+    overrides = {
+        "PICSTREAM_MAX_UPLOAD_BYTES": "4GiB",
+        "PICSTREAM_WEB_THREADS": str(args.watchers + 40),
+        "PICSTREAM_MAX_EVENT_STREAMS": str(args.watchers + 10),
+        "PICSTREAM_MAX_UPLOADS": "16",
+    }
+    with running("bench", KEY, **overrides) as stack:
+        pid = stack.web_worker_pid
+        downloads(stack.api, stack.store, pid, stack.s3.proc.pid, args.mib * MiB, args.rounds)
+        watchers_bench(stack.api, Redis.from_url(stack.redis.extra["url"]), pid, args.watchers)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
+from bench.stack import running
 from core.ingest import Ingest, Limits, NullSink, ReadSource
 from core.settings import Settings
 from core.storage import Store
-from tests import servers
 from tests.http import Api
 from tests.images import Body
 from tests.servers import PeakRss, cpu_seconds, rss_kib
@@ -65,40 +63,17 @@ def main() -> None:
     part = args.part_mib * MiB
     body = Body(size, piece=MiB)
 
-    with tempfile.TemporaryDirectory(prefix="picstream-bench-") as tmp:
-        work = Path(tmp)
-        redis = servers.start_redis(work / "redis")
-        s3 = servers.start_seaweedfs(work / "s3")
-        web = None
-        try:
-            env = {
-                "PORT": str(servers.free_port()),
-                "REDIS_URL": redis.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "bench",
-                "PICSTREAM_API_KEYS": f"bench:{KEY}",
-                "PICSTREAM_PART_SIZE": str(part),
-                "PICSTREAM_MAX_UPLOAD_BYTES": str(size + MiB),
-                "PICSTREAM_WEB_WORKERS": "1",
-                "PICSTREAM_WEB_THREADS": "4",
-                "PICSTREAM_LOG_LEVEL": "warning",
-                "PICSTREAM_READ_TIMEOUT": "60",
-            }
-            settings = Settings.from_env(env)
-            store = Store.from_settings(settings)
-            store.ensure_bucket()
-            web = servers.start_gunicorn(env, work / "web")
-            api = Api("127.0.0.1", web.port, KEY)
-            time.sleep(1)
-            (worker_pid,) = servers.worker_pids(web)
-            pids = {"bench": os.getpid(), "gunicorn": worker_pid, "weed": s3.proc.pid}
-            run_rounds(args.rounds, size, part, body, store, api, pids, settings)
-        finally:
-            for server in (web, s3, redis):
-                if server:
-                    server.stop()
+    overrides = {
+        "PICSTREAM_PART_SIZE": str(part),
+        "PICSTREAM_MAX_UPLOAD_BYTES": str(size + MiB),
+        "PICSTREAM_WEB_THREADS": "8",
+        "PICSTREAM_MAX_UPLOADS": "4",
+        "PICSTREAM_MAX_EVENT_STREAMS": "2",
+        "PICSTREAM_READ_TIMEOUT": "60",
+    }
+    with running("bench", KEY, **overrides) as stack:
+        pids = {"bench": os.getpid(), "gunicorn": stack.web_worker_pid, "weed": stack.s3.proc.pid}
+        run_rounds(args.rounds, size, part, body, stack.store, stack.api, pids, stack.settings)
 
 
 def run_rounds(
