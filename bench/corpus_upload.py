@@ -14,26 +14,15 @@ import json
 import sys
 from pathlib import Path
 
+from bench.sniff_corpus import PILLOW_FORMATS
 from bench.stack import running
 from core.sniff import SUPPORTED
 
 KEY = "corpus-key-0123456789abcdef"
-PILLOW_NAMES = {
-    "JPEG": "jpeg",
-    "PNG": "png",
-    "GIF": "gif",
-    "WEBP": "webp",
-    "AVIF": "avif",
-    "HEIF": "heic",
-    "TIFF": "tiff",
-    "BMP": "bmp",
-    "PPM": "pnm",
-    "JPEG2000": "jp2",
-}
 
 
 def verdict(truth: dict, status: int, record: dict) -> str:
-    fmt = PILLOW_NAMES.get(truth["format"] or "")
+    fmt = PILLOW_FORMATS.get(truth["format"] or "")
     if status >= 500:
         return "FAIL 5xx"
     if fmt in SUPPORTED and truth["decodes"]:
