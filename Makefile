@@ -13,7 +13,7 @@ run: setup redis-server
 
 test: setup redis-server
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 lint:
 	$(BIN)/ruff check .

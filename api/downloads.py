@@ -1,14 +1,19 @@
 """Streaming originals and variants out of S3: ranges, conditional requests, safe headers.
 
-The body is never buffered: an S3 GET (ranged when the client asked for a range) is relayed
-in 1 MiB chunks, so a multi-GB original costs the same memory as a thumbnail. When the client
-goes away the WSGI server closes the iterator, which closes the S3 response and releases its
-connection.
+The store is asked before anything is promised: a GET opens the S3 response (ranged when
+the client asked for a range), a HEAD stats the object, and only once the store has answered
+are the status and headers set. A store that is down is a 503 problem, never a 200 whose
+body never comes. A 304 or 416 is decided from the record alone.
+
+The body is never buffered: it is relayed by api/splice.py (splice(2) under gunicorn, else
+1 MiB chunks read ahead), so a multi-GB original costs the same memory as a thumbnail. When
+the client goes away the WSGI server closes the relay, which closes the S3 response and
+releases its connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +30,10 @@ from api.http import (
     if_range_allows,
     parse_range,
 )
-from core.storage import Store
+from core.errors import NotFound, StorageUnavailable
+from core.storage import OpenObject, Store
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 IMMUTABLE = "private, max-age=31536000, immutable"
@@ -59,8 +67,30 @@ def serve(
     blob: Blob,
     prefetch: Executor | None = None,
 ) -> None:
-    """Answer GET/HEAD for one stored blob (200, 206, 304 or 416)."""
+    """Answer GET/HEAD for one stored blob: 200, 206, 304 or 416 — or the problem the store
+    had (503 when it is down, 404 when the file is gone), raised before any header is set."""
     etag = f'"{blob.blake3}"'
+    if etag_matches(req.get_header("If-None-Match"), etag):
+        _describe(req, resp, blob, etag)
+        resp.status = falcon.HTTP_304
+        return
+    try:
+        wanted = _range(req, blob, etag)
+    except Unsatisfiable:
+        _describe(req, resp, blob, etag)
+        raise falcon.HTTPRangeNotSatisfiable(blob.size) from None
+    start, length = (0, blob.size) if wanted is None else (wanted.start, wanted.length)
+    body = _ask_store(req, store, blob, start, length)
+    if body is not None:  # from here on the WSGI server closes it
+        resp.stream = splice.relay(body, req.env, CHUNK, prefetch)
+    _describe(req, resp, blob, etag)
+    if wanted is not None:
+        resp.status = falcon.HTTP_206
+        resp.set_header("Content-Range", wanted.content_range(blob.size))
+    resp.content_length = length
+
+
+def _describe(req: falcon.Request, resp: falcon.Response, blob: Blob, etag: str) -> None:
     resp.set_header("ETag", etag)
     resp.set_header("Last-Modified", format_datetime(blob.modified, usegmt=True))
     resp.set_header("Accept-Ranges", "bytes")
@@ -69,38 +99,45 @@ def serve(
     resp.set_header("X-Content-Type-Options", "nosniff")
     resp.set_header("Content-Disposition", content_disposition(blob.filename))
     resp.content_type = blob.content_type
-    if etag_matches(req.get_header("If-None-Match"), etag):
-        resp.status = falcon.HTTP_304
-        return
-    wanted = _range(req, blob, etag)
-    start, length = (0, blob.size) if wanted is None else (wanted.start, wanted.length)
-    if wanted is not None:
-        resp.status = falcon.HTTP_206
-        resp.set_header("Content-Range", wanted.content_range(blob.size))
-    resp.content_length = length
-    if req.method == "HEAD" or length == 0:
-        return
-    client = splice.available(req.env)
-    if client is not None:
-        resp.stream = splice.SpliceRelay(store, blob.key, start, length, client)
-    else:
-        resp.stream = relay(store, blob.key, start, length, prefetch)
 
 
 def _range(req: falcon.Request, blob: Blob, etag: str) -> ByteRange | None:
     if not if_range_allows(req.get_header("If-Range"), etag):
         return None
+    return parse_range(req.get_header("Range"), blob.size)
+
+
+def _ask_store(
+    req: falcon.Request, store: Store, blob: Blob, start: int, length: int
+) -> OpenObject | None:
+    """The open S3 response for a GET; for a HEAD (or an empty body) None, once a stat has
+    shown the file is there."""
     try:
-        return parse_range(req.get_header("Range"), blob.size)
-    except Unsatisfiable:
-        raise falcon.HTTPRangeNotSatisfiable(blob.size) from None
+        if req.method == "HEAD" or length == 0:
+            _check_size(blob, store.stat(blob.key).size)
+            return None
+        body = store.open_range(blob.key, start, length)
+    except NotFound:
+        # The record says the file exists, the store says it does not: 404, not 503. The
+        # usual cause is a race with a deletion (the record goes first, then the files) or
+        # with a reconvert that dropped this variant: the file is gone for good, and a 503
+        # would tell clients to retry in vain. Real data loss is permanent too; the warning
+        # is for the operator.
+        log.warning(
+            "%s %s: %s is in the record but not in the store", req.method, req.path, blob.key
+        )
+        raise NotFound("the stored file of this image is missing") from None
+    try:
+        _check_size(blob, body.size)
+    except StorageUnavailable:
+        body.close()
+        raise
+    return body
 
 
-def relay(
-    store: Store, key: str, offset: int, length: int, prefetch: Executor | None
-) -> Iterator[bytes]:
-    """The S3 object's bytes [offset, offset+length) in CHUNK pieces, the next one fetched
-    while the current one is sent."""
-    if length == 0:
-        return iter(())
-    return store.stream(key, offset, length, CHUNK, prefetch)
+def _check_size(blob: Blob, stored: int | None) -> None:
+    # Not the file the record describes (rewritten after the record was read, or damaged):
+    # the record's Content-Length would be a lie. A fresh request reads a fresh record, so
+    # it is worth a retry: 503 rather than 404.
+    if stored is not None and stored != blob.size:
+        raise StorageUnavailable("the stored file changed while it was being read; try again")

@@ -1,14 +1,35 @@
 """Server-Sent Events for one image's conversion, fanned out from Redis streams.
 
-Workers append every status change to `picstream:events:{owner}:{id}` (core/events.py). Each
-web process runs one `EventHub` thread that XREADs every stream someone is watching, on one
+Workers append every status change to the image's Redis stream (core/events.py). Each web
+process runs one `EventHub` thread that XREADs every stream someone is watching, on one
 Redis connection, and hands entries to the watchers' queues; a watcher's request thread only
 waits on its queue. So N watchers cost N idle threads and no Redis connections of their own.
 
-A stream starts with the current status (id = the stream position it reflects), then one
-event per change, and ends after the final `ready`/`failed` status. `Last-Event-ID` resumes
-after that entry. Comment lines are sent as heartbeats, which is also how a disconnected
-client is noticed (on the next write) and its thread freed.
+What a client gets from `GET /v1/images/{id}/events`:
+
+- `200 text/event-stream` starting with `retry: 2000`: a browser's EventSource reconnects
+  2 s after the stream ends or breaks, sending the last `id:` it saw as `Last-Event-ID`.
+  Then the current status (`event: status`), then one event per change, each with its stream
+  entry id as `id:`. Status events carry the record as `GET /v1/images/{id}` shows it (with
+  its links). The response ends right after the final event: status `ready`/`failed`, or
+  `deleted`. A `: keep-alive` comment goes out while nothing happens, which is also how a
+  disconnected client is noticed (on the next write) and its thread freed.
+- `Last-Event-ID` resumes: what came after that entry is replayed (up to a final event),
+  then the stream follows. When nothing more will come - the id is at or past the end of a
+  ready/failed image's stream, or the image no longer exists - the answer is `204 No
+  Content`, the only answer that stops EventSource from reconnecting (every 2 s, forever).
+- A finished image whose stream has expired (a day after its last event) has no entries
+  to resume from: its status is sent with the id `END` (`18446744073709551615-0`, past any
+  real entry), so the reconnect that follows gets 204. On an unfinished image, an id past
+  the end of its stream (one it cannot have produced) is treated like no id: the current
+  status again.
+- A `Last-Event-ID` that is not a stream id (`ms` or `ms-seq`, each in 64-bit range, under
+  40 characters in all) is a 400 problem.
+
+Only a response that waits for the conversion holds a thread, and so one of the process's
+event-stream slots; one that is complete at once (a final status, a replay that reaches the
+final event, a 204) is sent as a plain body and takes no slot, so reconnecting browsers of
+finished images cannot crowd out watchers of running conversions.
 """
 
 from __future__ import annotations
@@ -16,22 +37,44 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis import Redis
 
-from core.events import events_key
+from core.errors import BadRequest, QueueUnavailable
 from core.models import ImageRecord
 
 log = logging.getLogger(__name__)
 
 FINAL = ("ready", "failed")
 _ID_ZERO = "0-0"
+_U64 = 2**64 - 1
+# The id of a finished image's status when its stream is gone: after every real entry id.
+END = f"{_U64}-0"
+_ID_RE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_RETRY = b"retry: 2000\n\n"
+_KEEP_ALIVE = b": keep-alive\n\n"
+
+View = Callable[[ImageRecord], dict[str, Any]]
+Entry = tuple[str, dict[str, str]]
+
+
+def parse_last_event_id(value: str | None) -> str | None:
+    """`Last-Event-ID` as a full stream id (`ms-seq`), None when absent or empty; BadRequest
+    when it is not an id this API can have sent."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    match = _ID_RE.fullmatch(value) if len(value) < 40 else None
+    if match is None or any(int(part or 0) > _U64 for part in match.groups()):
+        raise BadRequest("Last-Event-ID must be an event id of this stream, like 1732190400000-0")
+    return f"{int(match[1])}-{int(match[2] or 0)}"
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -43,7 +86,7 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 class Watcher:
     key: str
     cursor: str  # the last entry id delivered (or reflected by the initial status)
-    inbox: queue.SimpleQueue[tuple[str, dict[str, str]]] = field(default_factory=queue.SimpleQueue)
+    inbox: queue.SimpleQueue[Entry] = field(default_factory=queue.SimpleQueue)
 
 
 class EventHub:
@@ -101,12 +144,17 @@ class EventHub:
                 time.sleep(1)
                 continue
             for key, entries in _decoded(found):
-                self._deliver(key, entries)
+                self._deliver(key, entries, streams.get(key, _ID_ZERO))
 
-    def _deliver(self, key: str, entries: list[tuple[str, dict[str, str]]]) -> None:
+    def _deliver(self, key: str, entries: list[Entry], since: str) -> None:
+        """Hand entries read after `since` to the watchers that had everything up to it.
+        One that joined behind `since` during the read would miss the entries in between:
+        it waits for the next read, which starts from its own cursor."""
         with self._lock:
             group = list(self._watchers.get(key, ()))
         for watcher in group:
+            if _id_key(watcher.cursor) < _id_key(since):
+                continue
             for entry_id, fields in entries:
                 if _id_key(entry_id) > _id_key(watcher.cursor):
                     watcher.cursor = entry_id
@@ -117,18 +165,21 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decoded(found: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
+def _entries(raw: Any) -> list[Entry]:
+    return [
+        (_text(entry_id), {_text(k): _text(v) for k, v in (fields or {}).items()})
+        for entry_id, fields in raw or []
+    ]
+
+
+def _decoded(found: Any) -> list[tuple[str, list[Entry]]]:
     """XREAD's answer (RESP2 list or RESP3 dict, bytes) as plain strings."""
     items = found.items() if isinstance(found, dict) else (found or [])
     out = []
     for key, entries in items:
         if isinstance(entries, list) and entries and isinstance(entries[0], list):
             entries = entries[0]  # RESP3 wraps the entries once more
-        decoded = [
-            (_text(entry_id), {_text(k): _text(v) for k, v in (fields or {}).items()})
-            for entry_id, fields in entries
-        ]
-        out.append((_text(key), decoded))
+        out.append((_text(key), _entries(entries)))
     return out
 
 
@@ -143,79 +194,89 @@ def frame(event: str, data: dict[str, Any] | str, entry_id: str | None = None) -
 
 @dataclass
 class EventStream:
-    """The events of one image for one client, as an iterator of SSE bytes."""
+    """The events of one image for one client. `key` is the image's event stream; `view`
+    turns a record into what the client sees (the record with its links)."""
 
     hub: EventHub
-    owner: str
-    image_id: str
+    key: str
+    view: View
     heartbeat: float = 15.0
 
-    def open(self, record: ImageRecord, last_event_id: str | None) -> Iterator[bytes]:
-        key = events_key(self.owner, self.image_id)
-        head = self._head(key)
-        if last_event_id and self._valid_id(last_event_id):
-            replay = self._since(key, last_event_id)
-            return self._follow(key, last_event_id, replay, None)
-        opening = frame("status", _status_data(record), head)
-        if record.status in FINAL:
-            return iter([opening])
-        return self._follow(key, head, [], opening)
-
-    def _follow(
-        self,
-        key: str,
-        cursor: str,
-        replay: list[tuple[str, dict[str, str]]],
-        opening: bytes | None,
-    ) -> Iterator[bytes]:
-        watcher = self.hub.watch(key, replay[-1][0] if replay else cursor)
+    def open(
+        self, load: Callable[[], ImageRecord], resume: str | None
+    ) -> bytes | Iterator[bytes] | None:
+        """The answer for a client that has seen up to `resume` (a parsed Last-Event-ID):
+        None when nothing more will come (204), bytes for a stream that is complete now,
+        an iterator for one that follows the conversion (it holds a thread).
+        `load` reads the record; NotFound from it is the caller's."""
         try:
-            yield b"retry: 2000\n\n"
-            if opening:
-                yield opening
-            for entry_id, fields in replay:
-                yield _entry_frame(entry_id, fields)
-                if _is_final(fields):
-                    return
+            head = self._head()
+            # Read after the head, so the status is at least as new as the id sent with it.
+            record = load()
+            if resume is not None and head is not None and _id_key(resume) < _id_key(head):
+                return self._replay(self._since(resume), record.status in FINAL)
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"event read failed: Redis {type(exc).__name__}") from exc
+        final = record.status in FINAL
+        position = head or (END if final else _ID_ZERO)
+        if resume is not None and final and _id_key(resume) >= _id_key(position):
+            return None
+        if resume is not None and not final and resume == position:
+            return self._follow(position, b"")  # the client is up to date
+        return self._begin(record, position)
+
+    def _begin(self, record: ImageRecord, position: str) -> bytes | Iterator[bytes]:
+        """The current status, then (unless final) what follows it."""
+        data: dict[str, Any] = {"status": record.status, "record": self.view(record)}
+        if record.error:
+            data["error"] = record.error
+        opening = frame("status", data, position)
+        if record.status in FINAL:
+            return _RETRY + opening
+        return self._follow(position, opening)
+
+    def _replay(self, entries: list[Entry], final: bool) -> bytes | Iterator[bytes]:
+        """Entries after the client's id: up to the first final one, then the end; if
+        none is final, the stream follows on (unless the record is final all the same:
+        the reconnect then gets 204 rather than a stream that would wait forever)."""
+        frames = []
+        for entry_id, fields in entries:
+            frames.append(self._entry_frame(entry_id, fields))
+            if _is_final(fields):
+                return _RETRY + b"".join(frames)
+        if final:
+            return _RETRY + b"".join(frames)
+        return self._follow(entries[-1][0], b"".join(frames))
+
+    def _follow(self, cursor: str, first: bytes) -> Iterator[bytes]:
+        watcher = self.hub.watch(self.key, cursor)
+        try:
+            yield _RETRY + first
             while True:
                 try:
                     entry_id, fields = watcher.inbox.get(timeout=self.heartbeat)
                 except queue.Empty:
-                    yield b": keep-alive\n\n"
+                    yield _KEEP_ALIVE
                     continue
-                yield _entry_frame(entry_id, fields)
+                yield self._entry_frame(entry_id, fields)
                 if _is_final(fields):
                     return
         finally:
             self.hub.unwatch(watcher)
 
-    def _head(self, key: str) -> str:
-        last = self.hub.redis.xrevrange(key, count=1)
-        return _text(last[0][0]) if last else _ID_ZERO
+    def _head(self) -> str | None:
+        last = self.hub.redis.xrevrange(self.key, count=1)
+        return _text(last[0][0]) if last else None
 
-    def _since(self, key: str, after: str) -> list[tuple[str, dict[str, str]]]:
-        entries = self.hub.redis.xrange(key, min=f"({after}", max="+") or []
-        return [
-            (_text(i), {_text(k): _text(v) for k, v in (fields or {}).items()})
-            for i, fields in entries
-        ]
+    def _since(self, after: str) -> list[Entry]:
+        return _entries(self.hub.redis.xrange(self.key, min=f"({after}", max="+"))
 
-    @staticmethod
-    def _valid_id(value: str) -> bool:
-        ms, _, seq = value.partition("-")
-        return ms.isdigit() and (seq == "" or seq.isdigit()) and len(value) < 40
-
-
-def _status_data(record: ImageRecord) -> dict[str, Any]:
-    return {"status": record.status, "record": record.to_dict()}
-
-
-def _entry_frame(entry_id: str, fields: dict[str, str]) -> bytes:
-    kind = fields.get("type", "status")
-    data: dict[str, Any] = {k: v for k, v in fields.items() if k not in ("type", "record")}
-    if "record" in fields:
-        data["record"] = json.loads(fields["record"])
-    return frame(kind, data, entry_id)
+    def _entry_frame(self, entry_id: str, fields: dict[str, str]) -> bytes:
+        kind = fields.get("type", "status")
+        data: dict[str, Any] = {k: v for k, v in fields.items() if k not in ("type", "record")}
+        if "record" in fields:
+            data["record"] = self.view(ImageRecord.from_dict(json.loads(fields["record"])))
+        return frame(kind, data, entry_id)
 
 
 def _is_final(fields: dict[str, str]) -> bool:

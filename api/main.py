@@ -18,6 +18,7 @@ from api.limits import Slots
 from api.presign import Presigner
 from api.uploads import Services
 from core.jobs import make_queue
+from core.leases import Leases
 from core.records import Records, connect
 from core.settings import Settings
 from core.storage import Store
@@ -43,6 +44,7 @@ def build_services(settings: Settings) -> Services:
         stream_slots=Slots(settings.max_event_streams, "event streams", retry_after=15),
         hub=EventHub(redis),
         presigner=Presigner(settings),
+        leases=Leases(redis, settings.lease_seconds),
     )
 
 

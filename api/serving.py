@@ -8,27 +8,23 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 import falcon
+from redis.client import Pipeline
 
 from api.downloads import Blob, serve
-from api.events import EventStream
+from api.events import EventStream, parse_last_event_id
 from api.uploads import Services
 from api.views import Signer, record_json
 from core import events
 from core.errors import BadRequest, NotFound, StorageUnavailable
-from core.models import (
-    ImageRecord,
-    Variant,
-    image_prefix,
-    original_key,
-    validate_image_id,
-    variant_key,
-)
+from core.models import ImageRecord, Variant, validate_image_id
+from core.records import Purge
 from core.signing import sign
 from core.sniff import MIME_TYPES
 from core.webhooks import check_url
@@ -49,7 +45,7 @@ def _record(services: Services, req: falcon.Request, image_id: str) -> ImageReco
 
 def original_blob(record: ImageRecord) -> Blob:
     return Blob(
-        key=original_key(record.owner, record.id),
+        key=record.keys.original,
         size=record.size,
         blake3=record.blake3,
         content_type=record.content_type,
@@ -62,7 +58,7 @@ def variant_blob(record: ImageRecord, variant: Variant) -> Blob:
     assert variant.format and variant.size is not None and variant.blake3
     stem = (record.filename or record.id).rsplit(".", 1)[0]
     return Blob(
-        key=variant_key(record.owner, record.id, variant.name),
+        key=record.keys.variant(record.vset, variant.name),
         size=variant.size,
         blake3=variant.blake3,
         content_type=MIME_TYPES.get(variant.format, "application/octet-stream"),
@@ -192,25 +188,39 @@ def list_page(
 
 
 class Events:
-    """/v1/images/{image_id}/events: Server-Sent Events until the image is ready/failed."""
+    """/v1/images/{image_id}/events: Server-Sent Events until the image is ready/failed or
+    deleted; the protocol (Last-Event-ID, 204, slots) is described in api/events.py."""
 
     def __init__(self, services: Services) -> None:
         self.s = services
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
-        record = _record(self.s, req, image_id)
-        self.s.stream_slots.admit()
+        resume = parse_last_event_id(req.get_header("Last-Event-ID"))
+        sign = signer(self.s, req)
         try:
+            record = _record(self.s, req, image_id)
             stream = EventStream(
-                self.s.hub, record.owner, record.id, self.s.settings.sse_heartbeat
-            ).open(record, req.get_header("Last-Event-ID"))
-        except BaseException:
-            self.s.stream_slots.release()
-            raise
-        resp.content_type = "text/event-stream"
+                self.s.hub,
+                events.events_key(record.owner, record.id, record.gen),
+                lambda r: record_json(req, r, sign),
+                self.s.settings.sse_heartbeat,
+            )
+            body = stream.open(lambda: _record(self.s, req, image_id), resume)
+        except NotFound:
+            if resume is None:
+                raise
+            body = None  # a reconnect after `deleted`: nothing more will come
         resp.set_header("Cache-Control", "no-store")
+        if body is None:
+            resp.status = falcon.HTTP_204  # what stops a browser's EventSource
+            return
+        resp.content_type = "text/event-stream"
         resp.set_header("X-Accel-Buffering", "no")  # tell nginx not to buffer the stream
-        resp.stream = self.s.stream_slots.counted(stream)
+        if isinstance(body, bytes):
+            resp.data = body  # complete already: no thread held, no slot taken
+            return
+        self.s.stream_slots.admit()
+        resp.stream = self.s.stream_slots.counted(body)
 
 
 @contextmanager
@@ -236,18 +246,32 @@ def signer(services: Services, req: falcon.Request) -> Signer | None:
 
 
 def delete_image(services: Services, owner: str, image_id: str) -> bool:
-    """Remove the record (a conversion in flight stops writing), then every object of the
-    image. True when all is gone now; False when the store failed and the files are left
-    to the janitor's purge list (the image is already gone for every client)."""
-    services.records.delete(
-        owner, image_id, also=lambda pipe, _: events.append(pipe, owner, image_id, DELETED)
-    )
-    prefix = image_prefix(owner, image_id)
+    """Remove the record (a conversion in flight stops writing), then every object of this
+    incarnation — never anything under another incarnation of the same id. True when all
+    is gone now; False when the store failed and the objects are left to the janitor (the
+    image is already gone for every client).
+
+    A purge of the incarnation is scheduled in the same transaction for after the job
+    timeout: a conversion that was mid-PUT when the record went away may still write one
+    variant before it notices, and that purge removes it."""
+    straggle = services.settings.job_timeout + 60
+
+    def also(pipe: Pipeline, record: ImageRecord) -> None:
+        events.append(pipe, record, DELETED)
+        purge = Purge(record.keys.prefix, time.time() + straggle, flat=record.keys.legacy)
+        services.records.schedule_purge(purge, purge.until, pipe)
+
+    record = services.records.delete(owner, image_id, also=also)
+    keys = record.keys
     try:
-        services.store.delete_prefix(prefix)
+        if keys.legacy:
+            services.store.delete_flat(keys.prefix)
+        else:
+            services.store.delete_prefix(keys.prefix)
     except StorageUnavailable as exc:
-        log.warning("deleting %s failed (%s); queued for the janitor", prefix, exc.detail)
-        services.records.queue_purge(prefix)
+        log.warning("deleting %s failed (%s); queued for the janitor", keys.prefix, exc.detail)
+        purge = Purge(keys.prefix, time.time() + straggle, flat=keys.legacy)
+        services.records.schedule_purge(purge, time.time())
         return False
     return True
 

@@ -1,27 +1,36 @@
 """Zero-copy relay of a download: S3 socket -> pipe -> client socket with splice(2).
 
-The plain relay (core/storage.py ObjectStream) copies every byte into Python and out again;
+The copying relay (core/storage.py ObjectStream) moves every byte into Python and out again;
 on a busy machine that kept relayed downloads at ~0.75 of a direct S3 GET
 (bench/download.py). Under gunicorn on Linux the bytes can instead move kernel-side.
 
-How it fits WSGI: the response iterator first yields b"" — gunicorn then sends the status
-line and headers (Content-Length already set) — and on the next step moves exactly
-`length` body bytes itself and ends. Bytes http.client had already buffered behind the S3
-response headers are sent first. The S3 connection is closed afterwards, never reused: its
-body was read behind urllib3's back. Anything unexpected falls back to the plain relay.
+How it fits WSGI: the S3 response is already open when the relay is chosen (the store has
+answered, so the status is known). The response iterator first yields b"" — gunicorn then
+sends the status line and headers (Content-Length already set) — and on the next step moves
+exactly `length` body bytes itself and ends. Bytes http.client had already buffered behind
+the S3 response headers are sent first. The S3 connection is closed afterwards, never
+reused: its body was read behind urllib3's back.
+
+Whenever the response's socket cannot be had safely (TLS, chunked, urllib3 internals that
+moved: core/storage.py `OpenObject.raw_body`), `relay()` picks the copying relay instead.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import logging
 import os
 import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from typing import Any
 
 from core.errors import StorageUnavailable
-from core.storage import Store
+from core.storage import OpenObject, RawBody
+
+log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1024 * 1024
 STEP = 1024 * 1024
@@ -29,27 +38,44 @@ S3_READ_TIMEOUT = 120.0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def available(env: dict[str, Any]) -> socket.socket | None:
-    """The client's socket when a splice relay is possible for this request."""
+def available(env: Mapping[str, Any]) -> socket.socket | None:
+    """The client's socket when this server lets a splice relay write to it."""
     sock = env.get("gunicorn.socket")
     if hasattr(os, "splice") and isinstance(sock, socket.socket):
         return sock
     return None
 
 
-class SpliceRelay:
-    """A WSGI response body that moves an S3 object range to the client in the kernel."""
+def relay(
+    body: OpenObject, env: Mapping[str, Any], chunk: int, prefetch: Executor | None
+) -> Iterator[bytes]:
+    """The WSGI response body for an open S3 response: the splice relay when both ends are
+    plain sockets, else the copying relay (`chunk`-sized pieces, read ahead on `prefetch`)."""
+    client = available(env)
+    if client is not None:
+        raw = body.raw_body()
+        if raw is not None:
+            return SpliceRelay(body, raw, client)
+        _copying_under_gunicorn()
+    return body.chunks(chunk, prefetch)
 
-    def __init__(
-        self, store: Store, key: str, offset: int, length: int, client: socket.socket
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.offset = offset
-        self.length = length
+
+@functools.cache
+def _copying_under_gunicorn() -> None:
+    # Once per process: every download of a TLS store takes this path, and so does every
+    # download after a urllib3 upgrade that moved the internals raw_body() reads.
+    log.warning("S3 responses expose no plain socket: downloads use the copying relay")
+
+
+class SpliceRelay:
+    """A WSGI response body that moves an open S3 response's body to the client in the
+    kernel."""
+
+    def __init__(self, body: OpenObject, raw: RawBody, client: socket.socket) -> None:
+        self.body = body
+        self.raw = raw
         self.client = client
         self._step = 0
-        self._response: Any = None
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -63,33 +89,20 @@ class SpliceRelay:
         raise StopIteration
 
     def _relay(self) -> None:
-        try:
-            self._response = self.store.client.get_object(
-                self.store.bucket, self.key, offset=self.offset, length=self.length
-            )
-        except Exception as exc:
-            raise StorageUnavailable(f"download failed: {type(exc).__name__}") from exc
-        left = self.length - self._send_buffered()
-        source = self._response._connection.sock
+        held = self.raw.take_buffered()
+        if held:
+            self.client.sendall(held)
+        left = self.raw.length - len(held)
         read_end, write_end = os.pipe()
         try:
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
             while left > 0:
-                moved = self._into_pipe(source, write_end, min(left, STEP))
+                moved = self._into_pipe(self.raw.sock, write_end, min(left, STEP))
                 self._out_of_pipe(read_end, moved)
                 left -= moved
         finally:
             os.close(read_end)
             os.close(write_end)
-
-    def _send_buffered(self) -> int:
-        """Body bytes http.client read together with the S3 headers."""
-        buffered = self._response._fp.fp
-        held = buffered.peek(1)[: self.length]
-        if held:
-            buffered.read(len(held))
-            self.client.sendall(held)
-        return len(held)
 
     def _into_pipe(self, source: socket.socket, pipe: int, count: int) -> int:
         while True:
@@ -112,7 +125,4 @@ class SpliceRelay:
                 select.select([], [self.client], [], S3_READ_TIMEOUT)
 
     def close(self) -> None:
-        if self._response is not None:
-            self._response.close()  # closes the connection: its body was read behind urllib3
-            self._response.release_conn()
-            self._response = None
+        self.body.close()  # closes the S3 connection: its body was read behind urllib3

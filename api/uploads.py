@@ -1,14 +1,15 @@
 """The upload use case: body -> S3 object + bucket record copy + Redis record + queued job.
 
 No HTTP here (api/resources.py adapts it). The order of the steps is what guarantees "no half
-state": the original and its JSON copy are written first; the Redis record and the job are
-committed last, in one transaction; if that commit fails the objects are deleted again.
+state": the upload takes a lease on its id (core/leases.py), writes the original and its JSON
+copy under a new incarnation's prefix, then commits the Redis record and the job in one
+transaction fenced by the lease (core/records.py `commit`), whose outcome is known before
+the client is answered; if it did not commit, the objects are deleted again.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -20,9 +21,17 @@ from api.events import EventHub
 from api.limits import Slots
 from api.presign import Presigner
 from core.errors import Conflict, PicstreamError, TooLarge
-from core.ingest import Ingest, Ingested, Limits, NullSink, Source
+from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
-from core.models import ImageRecord, Variant, new_image_id, original_key, record_key, utc_now
+from core.leases import Leases, UploadLease
+from core.models import (
+    ImageRecord,
+    ObjectKeys,
+    Variant,
+    new_generation,
+    new_image_id,
+    utc_now,
+)
 from core.profiles import Profile
 from core.records import Records
 from core.settings import Settings
@@ -50,6 +59,7 @@ class Services:
     stream_slots: Slots
     hub: EventHub
     presigner: Presigner
+    leases: Leases
 
 
 class Uploads:
@@ -63,9 +73,8 @@ class Uploads:
             max_head=settings.max_head_bytes,
             allowed_formats=settings.allowed_formats,
         )
-        # A PUT's id stays claimed while its body streams; refreshed as bytes arrive, so
-        # it lapses soon after a crashed process stops refreshing it.
-        self.reserve_ttl = int(max(60, 4 * settings.read_timeout))
+        # The commit must reach Redis within this, or never take effect (core/records.py).
+        self.fence = 2 * settings.redis_timeout
 
     def create(
         self,
@@ -79,7 +88,8 @@ class Uploads:
         `callback` receives the final record (a webhook)."""
         self._check_envelope(body)
         image_id = new_image_id()
-        return self._store_new(owner, image_id, body, body.source, digests, profile, callback)
+        with self.s.leases.hold(owner, image_id) as lease:
+            return self._store_new(lease, body, digests, profile, callback)
 
     def put(
         self,
@@ -92,54 +102,52 @@ class Uploads:
     ) -> tuple[ImageRecord, bool]:
         """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record
         (its profile unchanged: reconvert changes profiles); different bytes under an
-        existing id -> Conflict."""
+        existing id -> Conflict; another upload of the id in progress -> Conflict."""
         self._check_envelope(body)
         records = self.s.records
         if not records.exists(owner, image_id):
-            if not records.reserve(owner, image_id, self.reserve_ttl):
-                raise Conflict(f"an upload to image {image_id!r} is already in progress")
-            try:
-                # Re-check under the reservation: a concurrent PUT may have just committed.
+            with self.s.leases.hold(owner, image_id) as lease:
+                # Re-check under the lease: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
-                    source = _KeepReserved(body.source, records, owner, image_id, self.reserve_ttl)
-                    record = self._store_new(
-                        owner, image_id, body, source, digests, profile, callback
-                    )
-                    return record, True
-            finally:
-                records.release(owner, image_id)
+                    return self._store_new(lease, body, digests, profile, callback), True
         return self._same_or_conflict(records.get(owner, image_id), body, digests), False
 
     def _store_new(
         self,
-        owner: str,
-        image_id: str,
+        lease: UploadLease,
         body: UploadBody,
-        source: Source,
         digests: Mapping[str, bytes],
         profile: Profile,
         callback: str | None,
     ) -> ImageRecord:
-        key = original_key(owner, image_id)
-        meta = {"picstream-owner": owner, "picstream-id": image_id}
-        sink = ObjectSink(self.s.store, key, self.s.executor, meta)
-        ingested = Ingest(source, self.limits, sink, body.declared_size, digests).run()
+        owner, image_id = lease.owner, lease.image_id
+        keys = ObjectKeys(owner, image_id, new_generation())
+        meta = {"picstream-owner": owner, "picstream-id": image_id, "picstream-gen": keys.gen}
+        sink = ObjectSink(self.s.store, keys.original, self.s.executor, meta, tracker=lease)
+        ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
         record = replace(
-            _new_record(owner, image_id, ingested, body.filename, profile), callback=callback
+            _new_record(owner, image_id, ingested, body.filename, profile),
+            callback=callback,
+            gen=keys.gen,
+            vset=new_generation(),
         )
         try:
-            self.s.store.put_json(record_key(owner, image_id), record.to_dict())
+            self.s.store.put_json(keys.record, record.to_dict())
             queue, intervals = self.s.queue, self.s.settings.retry_intervals
-            self.s.records.create(
-                record, lambda pipe: enqueue_convert(queue, owner, image_id, pipe, intervals)
+            self.s.records.commit(
+                record,
+                lease,
+                lambda pipe: enqueue_convert(queue, record, record.vset, pipe, intervals=intervals),
+                self.fence,
             )
         except BaseException:
-            self._discard(owner, image_id, sink)
+            self._discard(keys, sink)
             raise
         log.info(
-            "stored %s/%s: %s %d bytes %sx%s",
+            "stored %s/%s (%s): %s %d bytes %sx%s",
             owner,
             image_id,
+            keys.gen,
             record.format,
             record.size,
             record.width,
@@ -157,39 +165,25 @@ class Uploads:
             raise Conflict(f"image {existing.id!r} already exists with different content")
         return existing
 
-    def _discard(self, owner: str, image_id: str, sink: ObjectSink) -> None:
-        sink.discard()
+    def _discard(self, keys: ObjectKeys, sink: ObjectSink) -> None:
+        """Delete what an upload that did not commit wrote; if the store fails, leave it
+        to the janitor (the incarnation's prefix is this upload's alone)."""
+        sink.stored = False
         try:
-            self.s.store.delete(record_key(owner, image_id))
+            self.s.store.delete_prefix(keys.prefix)
+            return
         except PicstreamError as exc:
-            log.warning("could not delete the record copy of %s/%s: %s", owner, image_id, exc)
+            log.warning("could not delete %s after a failed upload: %s", keys.prefix, exc)
+        try:
+            self.s.records.queue_purge(keys.prefix)
+        except PicstreamError as exc:
+            log.error("%s is left in the bucket (store and Redis failed): %s", keys.prefix, exc)
 
     def _check_envelope(self, body: UploadBody) -> None:
         """A multipart envelope far larger than the limit can only hold a too-large file."""
         length = body.request_length
         if body.declared_size is None and length and length > self.limits.max_bytes + _SLACK:
             raise TooLarge(f"the body is larger than the limit of {self.limits.max_bytes} bytes")
-
-
-class _KeepReserved:
-    """Refreshes a PUT's id reservation every so often while its body streams."""
-
-    def __init__(
-        self, source: Source, records: Records, owner: str, image_id: str, ttl: int
-    ) -> None:
-        self.source = source
-        self.records = records
-        self.key = (owner, image_id)
-        self.ttl = ttl
-        self.last = time.monotonic()
-
-    def readinto(self, view: memoryview) -> int:
-        got = self.source.readinto(view)
-        now = time.monotonic()
-        if now - self.last > self.ttl / 4:
-            self.last = now
-            self.records.extend(*self.key, self.ttl)
-        return got
 
 
 def _new_record(

@@ -2,7 +2,10 @@
 
 Every change of an image's or a variant's status appends one entry to the Redis stream
 
-    picstream:events:{owner}:{id}      XADD ... MAXLEN ~ 1000, key expires a day after the last
+    picstream:events:{owner}:{id}:{gen}   XADD ... MAXLEN ~ 1000, expires a day after the last
+
+(one stream per incarnation, so the events of a deleted image never mix with those of the
+image uploaded under its id afterwards; legacy records without `gen` use the old key)
 
 in the same MULTI/EXEC as the record change it reports, so the stream and the record never
 disagree. The entry's id (`1732190400000-0`) orders events and is what a client resumes from.
@@ -34,8 +37,9 @@ MAXLEN = 1000
 TTL = 24 * 3600
 
 
-def events_key(owner: str, image_id: str) -> str:
-    return f"{NS}:events:{owner}:{image_id}"
+def events_key(owner: str, image_id: str, gen: str) -> str:
+    base = f"{NS}:events:{owner}:{image_id}"
+    return f"{base}:{gen}" if gen else base
 
 
 def status_event(record: ImageRecord) -> dict[str, str]:
@@ -52,9 +56,9 @@ def variant_event(variant: Variant) -> dict[str, str]:
     return event
 
 
-def append(pipe: Pipeline, owner: str, image_id: str, event: dict[str, str]) -> None:
+def append(pipe: Pipeline, record: ImageRecord, event: dict[str, str]) -> None:
     """Queue the XADD (+ expiry, + PUBLISH) on a pipeline; the caller executes it."""
-    key = events_key(owner, image_id)
+    key = events_key(record.owner, record.id, record.gen)
     pipe.xadd(key, event, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
     pipe.expire(key, TTL)
     pipe.publish(key, json.dumps(event, separators=(",", ":")))

@@ -1,33 +1,77 @@
-"""Abort multipart uploads that nobody will finish.
+"""The janitor: finishes what failures and dead processes left behind.
 
-Every failure path of an upload aborts its multipart upload, but two cannot: a web process
-killed outright (SIGKILL, OOM, host crash) and an abort that fails because the store itself is
-down. S3 keeps such uploads, and their parts, until they are aborted (SeaweedFS never expires
-them), so this sweeps uploads older than any upload could legitimately take. It also finishes
-deletions whose object removal failed (the purge list, api/serving.py).
+Every failure path of an upload aborts its multipart upload and deletes what it wrote, but
+some cannot: a web process killed outright (SIGKILL, OOM, host crash) and a store that is
+down at the moment of the cleanup. One sweep:
 
-    python -m core.janitor [--hours 24]     (every worker also runs it hourly; one at a time)
+1. aborts multipart uploads whose lease expired (core/leases.py: the uploading process
+   stopped renewing it, so it is dead) — minutes after the crash, not hours;
+2. aborts unregistered incomplete uploads older than a day (a process killed between
+   starting a multipart upload and registering it; S3 keeps such parts for ever);
+3. deletes due purges (core/records.py `Purge`): incarnations and variant sets that were
+   deleted or replaced, each exactly its own prefix, never an id's whole prefix.
+
+Workers run a sweep every PICSTREAM_JANITOR_INTERVAL seconds, one at a time cluster-wide;
+`picstream-admin janitor` runs one now.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import threading
-import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import redis
-
-from core.errors import PicstreamError
-from core.records import NS, Records, connect
-from core.settings import Settings
+from core.errors import NotFound, PicstreamError
+from core.leases import MULTIPART_KEY, expired_multipart
+from core.records import Records
 from core.storage import Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AGE = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What one sweep did."""
+
+    abandoned: int  # multipart uploads of dead processes aborted
+    stale: int  # unregistered uploads older than a day aborted
+    purged: int  # purges done
+
+    def __str__(self) -> str:
+        return (
+            f"{self.abandoned} abandoned and {self.stale} stale uploads aborted,"
+            f" {self.purged} purges done"
+        )
+
+
+def run_once(store: Store, records: Records, now: float | None = None) -> Sweep:
+    """One sweep now (see the module docstring); `now` (epoch seconds) lets a test or an
+    operator act as if later."""
+    return Sweep(
+        abort_abandoned_uploads(store, records, now),
+        abort_stale_uploads(store),
+        sweep_purges(store, records, now),
+    )
+
+
+def abort_abandoned_uploads(store: Store, records: Records, now: float | None = None) -> int:
+    """Abort registered multipart uploads whose lease expired."""
+    aborted = 0
+    now_ms = int(now * 1000) if now is not None else None
+    for key, upload_id, member in expired_multipart(records.redis, now_ms):
+        try:
+            store.abort_upload(key, upload_id)
+        except NotFound:
+            pass  # completed or aborted meanwhile
+        except PicstreamError as exc:
+            log.warning("could not abort the abandoned upload of %s: %s", key, exc.detail)
+            continue
+        records.redis.zrem(MULTIPART_KEY, member)
+        log.info("aborted the abandoned upload of %s", key)
+        aborted += 1
+    return aborted
 
 
 def abort_stale_uploads(
@@ -49,54 +93,18 @@ def abort_stale_uploads(
     return aborted
 
 
-def sweep_purges(store: Store, records: Records) -> int:
-    """Delete the objects of images whose deletion the store failed at the time."""
+def sweep_purges(store: Store, records: Records, now: float | None = None) -> int:
+    """Delete the objects of due purges."""
     done = 0
-    for prefix in records.purges():
+    for purge in records.due_purges(now):
         try:
-            store.delete_prefix(prefix)
+            if purge.flat:
+                store.delete_flat(purge.prefix)
+            else:
+                store.delete_prefix(purge.prefix)
         except PicstreamError as exc:
-            log.warning("purge of %s failed again: %s", prefix, exc.detail)
+            log.warning("purge of %s failed again: %s", purge.prefix, exc.detail)
             continue
-        records.purged(prefix)
+        records.purged(purge, now)
         done += 1
     return done
-
-
-def run_periodically(settings: Settings, every: float = 3600) -> threading.Thread:
-    """A daemon thread that sweeps every `every` seconds, one process at a time cluster-wide
-    (a Redis lock), so any number of workers can run it."""
-
-    def loop() -> None:
-        store = Store.from_settings(settings)
-        records = Records(connect(settings))
-        while True:
-            try:
-                if records.redis.set(f"{NS}:janitor", "1", nx=True, ex=int(every * 0.9)):
-                    aborted = abort_stale_uploads(store)
-                    purged = sweep_purges(store, records)
-                    if aborted or purged:
-                        log.info("janitor: %d stale uploads aborted, %d purged", aborted, purged)
-            except (PicstreamError, redis.RedisError) as exc:
-                log.warning("janitor run failed: %s", exc)
-            time.sleep(every)
-
-    thread = threading.Thread(target=loop, name="janitor", daemon=True)
-    thread.start()
-    return thread
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Abort stale incomplete multipart uploads.")
-    parser.add_argument("--hours", type=float, default=DEFAULT_AGE.total_seconds() / 3600)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    settings = Settings.from_env(os.environ)
-    store = Store.from_settings(settings)
-    count = abort_stale_uploads(store, timedelta(hours=args.hours))
-    purged = sweep_purges(store, Records(connect(settings)))
-    print(f"aborted {count} stale upload(s), purged {purged} deleted image(s)")
-
-
-if __name__ == "__main__":
-    main()

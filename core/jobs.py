@@ -21,6 +21,8 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from core.models import ImageRecord
+
 CONVERT = "worker.jobs.convert"
 CONVERT_FAILED = "worker.jobs.conversion_failed"
 DEFAULT_INTERVALS = (5, 20, 60, 180)
@@ -32,17 +34,20 @@ def make_queue(redis: Redis, name: str, job_timeout: int) -> Queue:
 
 def enqueue_convert(
     queue: Queue,
-    owner: str,
-    image_id: str,
+    record: ImageRecord,
+    vset: str,
     pipeline: Pipeline,
+    *,
     intervals: Sequence[int] = DEFAULT_INTERVALS,
 ) -> Job:
-    """Queue the conversion of one image inside the caller's MULTI/EXEC pipeline."""
+    """Queue the conversion of one incarnation's variant set `vset` inside the caller's
+    MULTI/EXEC pipeline. The job writes only while the record still is that incarnation and
+    still wants that set (worker/jobs.py)."""
     return queue.enqueue_call(
         CONVERT,
-        kwargs={"owner": owner, "image_id": image_id},
+        kwargs={"owner": record.owner, "image_id": record.id, "gen": record.gen, "vset": vset},
         retry=Retry(max=len(intervals), interval=list(intervals)),
         on_failure=Callback(CONVERT_FAILED),
-        description=f"convert {owner}/{image_id}",
+        description=f"convert {record.owner}/{record.id} {record.gen}/{vset}",
         pipeline=pipeline,
     )

@@ -44,6 +44,24 @@ class Variant:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingSet:
+    """A variant set being made by a reconvert. The record keeps serving its current set
+    until this one is complete; then `variants` becomes this set in one transaction."""
+
+    vset: str
+    profile: str
+    variants: tuple[Variant, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PendingSet:
+        return cls(
+            vset=data["vset"],
+            profile=data["profile"],
+            variants=tuple(Variant.from_dict(v) for v in data.get("variants", ())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     id: str
     owner: str
@@ -62,17 +80,34 @@ class ImageRecord:
     variants: tuple[Variant, ...] = field(default_factory=tuple)
     # Where the final record is POSTed (an allow-listed URL from `?callback=`), if anywhere.
     callback: str | None = None
+    # The incarnation: every upload of an id gets a new one, and every object key, job,
+    # event stream and purge refers to it, so work for a deleted image can never touch
+    # the image uploaded under the same id afterwards. "" = stored before incarnations
+    # existed (the legacy key layout; `picstream-admin migrate` moves it).
+    gen: str = ""
+    # The variant set `variants` describes (its objects live under their own prefix).
+    vset: str = ""
+    # A reconversion in progress (None when there is none).
+    pending: PendingSet | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["variants"] = [asdict(v) for v in self.variants]
+        if self.pending is not None:
+            data["pending"]["variants"] = [asdict(v) for v in self.pending.variants]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageRecord:
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         fields["variants"] = tuple(Variant.from_dict(v) for v in data.get("variants", ()))
+        pending = data.get("pending")
+        fields["pending"] = PendingSet.from_dict(pending) if pending else None
         return cls(**fields)
+
+    @property
+    def keys(self) -> ObjectKeys:
+        return ObjectKeys(self.owner, self.id, self.gen)
 
 
 def validate_image_id(value: str) -> str:
@@ -82,11 +117,23 @@ def validate_image_id(value: str) -> str:
     return value
 
 
-def new_image_id() -> str:
-    """A server-chosen id that sorts by creation time: 10 chars of milliseconds + 16 random."""
+def _time_sortable(random_hex: int) -> str:
     ms = time.time_ns() // 1_000_000
     stamp = "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -1, -5))
-    return stamp + secrets.token_hex(8)
+    return stamp + secrets.token_hex(random_hex)
+
+
+def new_image_id() -> str:
+    """A server-chosen id that sorts by creation time: 10 chars of milliseconds + 16 random."""
+    return _time_sortable(8)
+
+
+def new_generation() -> str:
+    """An incarnation or variant-set id: time-sortable, never reused (10 + 8 chars)."""
+    return _time_sortable(4)
+
+
+GENERATION_RE = re.compile(r"[0-9a-z]{10}[0-9a-f]{8}")
 
 
 def utc_now() -> str:
@@ -108,18 +155,42 @@ def clean_filename(raw: str | None) -> str | None:
     return name[:_FILENAME_MAX]
 
 
-# Object keys. Only validated owners (settings) and ids (IMAGE_ID_RE) ever reach these.
-def original_key(owner: str, image_id: str) -> str:
-    return f"{owner}/{image_id}/original"
+# Object keys. Only validated owners (settings), ids (IMAGE_ID_RE) and generated ids ever
+# reach these. Layout, one prefix per incarnation and one per variant set inside it:
+#     {owner}/{id}/{gen}/original
+#     {owner}/{id}/{gen}/record.json       the bucket copy of the record (rebuild reads it)
+#     {owner}/{id}/{gen}/{vset}/{name}     the variants of one set
+# Records from before incarnations (gen "") keep the flat legacy layout, read in place:
+#     {owner}/{id}/original, {owner}/{id}/record.json, {owner}/{id}/{name}
+@dataclass(frozen=True, slots=True)
+class ObjectKeys:
+    owner: str
+    image_id: str
+    gen: str
 
+    @property
+    def legacy(self) -> bool:
+        return self.gen == ""
 
-def record_key(owner: str, image_id: str) -> str:
-    return f"{owner}/{image_id}/record.json"
+    @property
+    def prefix(self) -> str:
+        """Everything of this incarnation (for the legacy layout: only the objects directly
+        under it, see `legacy`)."""
+        base = f"{self.owner}/{self.image_id}/"
+        return base if self.legacy else f"{base}{self.gen}/"
 
+    @property
+    def original(self) -> str:
+        return f"{self.prefix}original"
 
-def variant_key(owner: str, image_id: str, name: str) -> str:
-    return f"{owner}/{image_id}/{name}"
+    @property
+    def record(self) -> str:
+        return f"{self.prefix}record.json"
 
+    def variant(self, vset: str, name: str) -> str:
+        return f"{self.prefix}{name}" if self.legacy else f"{self.vset_prefix(vset)}{name}"
 
-def image_prefix(owner: str, image_id: str) -> str:
-    return f"{owner}/{image_id}/"
+    def vset_prefix(self, vset: str) -> str:
+        if self.legacy or not vset:
+            raise ValueError("a legacy record has no variant-set prefix")
+        return f"{self.prefix}{vset}/"

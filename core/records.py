@@ -3,7 +3,8 @@
 Keys (all under `picstream:`):
   image:{owner}:{id}    the record as JSON
   images:{owner}        sorted set of ids by creation time (milliseconds), for listing
-  reserve:{owner}:{id}  held while a client-chosen id is being uploaded (PUT)
+  lease:{owner}:{id}    held while an upload of that id runs (core/leases.py)
+  purges                sorted set of object prefixes still to delete, scored by when
 
 Every redis error is translated to `QueueUnavailable` here.
 """
@@ -11,10 +12,13 @@ Every redis error is translated to `QueueUnavailable` here.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import redis
 from redis import Redis
@@ -23,11 +27,17 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 from redis.retry import Retry
 
-from core.errors import NotFound, QueueUnavailable
+from core.errors import Conflict, NotFound, QueueUnavailable
 from core.models import ImageRecord
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from core.leases import UploadLease
+
+log = logging.getLogger(__name__)
+
 NS = "picstream"
+PURGES_KEY = f"{NS}:purges"
 # Optimistic updates give up after this many lost races (each loss means another writer
 # committed in between, so this is never reached under sane contention).
 _MAX_RACES = 50
@@ -41,8 +51,8 @@ def connect(settings: Settings) -> Redis:
     ten retries."""
     return Redis.from_url(
         settings.redis_url,
-        socket_timeout=5,
-        socket_connect_timeout=3,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=min(3.0, settings.redis_timeout),
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         health_check_interval=30,
     )
@@ -60,15 +70,16 @@ def _image_key(owner: str, image_id: str) -> str:
     return f"{NS}:image:{owner}:{image_id}"
 
 
+def lease_key(owner: str, image_id: str) -> str:
+    """Held while an upload of this id runs (core/leases.py)."""
+    return f"{NS}:lease:{owner}:{image_id}"
+
+
 def _index_key(owner: str) -> str:
     return f"{NS}:images:{owner}"
 
 
-def _reserve_key(owner: str, image_id: str) -> str:
-    return f"{NS}:reserve:{owner}:{image_id}"
-
-
-def _created_ms(record: ImageRecord) -> int:
+def created_ms(record: ImageRecord) -> int:
     stamp = datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
     return int(stamp.timestamp() * 1000)
 
@@ -93,39 +104,89 @@ class Records:
         with _translated("record read"):
             return bool(self.redis.exists(_image_key(owner, image_id)))
 
-    def reserve(self, owner: str, image_id: str, ttl: int) -> bool:
-        """Claim a client-chosen id for an upload in progress; False if someone holds it."""
-        with _translated("id reservation"):
-            return bool(self.redis.set(_reserve_key(owner, image_id), "1", nx=True, ex=ttl))
+    def commit(
+        self,
+        record: ImageRecord,
+        lease: UploadLease,
+        enqueue: Callable[[Pipeline], object],
+        fence: float,
+    ) -> None:
+        """Write the record, index it and enqueue its job in one MULTI/EXEC: all or nothing,
+        and decided before this returns.
 
-    def extend(self, owner: str, image_id: str, ttl: int) -> None:
-        with _translated("id reservation"):
-            self.redis.expire(_reserve_key(owner, image_id), ttl)
-
-    def release(self, owner: str, image_id: str) -> None:
-        with _translated("id reservation"):
-            self.redis.delete(_reserve_key(owner, image_id))
-
-    def create(self, record: ImageRecord, enqueue: Callable[[Pipeline], object]) -> None:
-        """Write the record, index it and enqueue its job in one MULTI/EXEC: all or nothing."""
+        The lease is first shortened to `fence` seconds and the transaction WATCHes it, so
+        an EXEC that reaches Redis later than that is aborted by Redis itself. When the
+        EXEC's answer is lost (timeout, broken connection), the outcome is looked up once
+        the fence has passed: the record with this incarnation exists, or never will.
+        Raises Conflict if the id was taken meanwhile, QueueUnavailable if not committed.
+        """
+        key = _image_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
-        with _translated("record write"), self.redis.pipeline(transaction=True) as pipe:
-            pipe.multi()  # explicit, so rq's enqueue joins this transaction
-            enqueue(pipe)
-            pipe.set(_image_key(record.owner, record.id), body)
-            pipe.zadd(_index_key(record.owner), {record.id: _created_ms(record)})
-            pipe.delete(_reserve_key(record.owner, record.id))
-            pipe.execute()
+        fence_ms = int(fence * 1000)
+        started = time.monotonic()
+        with _translated("record write"):
+            if not lease.freeze(fence_ms):
+                raise QueueUnavailable("the upload's lease expired before its commit")
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.watch(lease.key, key)  # type: ignore[no-untyped-call]
+                if pipe.exists(key):
+                    raise Conflict(f"image {record.id!r} was created by another upload")
+                pipe.multi()  # explicit, so rq's enqueue joins this transaction
+                enqueue(pipe)
+                pipe.set(key, body)
+                pipe.zadd(_index_key(record.owner), {record.id: created_ms(record)})
+                pipe.delete(lease.key)
+                pipe.execute()
+                return
+        except WatchError as exc:
+            # redis-py also raises WatchError when the connection fails while watching;
+            # only an EXEC that Redis refused (no underlying error) is a sure "no".
+            if not isinstance(exc.__context__, redis.RedisError | OSError):
+                raise QueueUnavailable("the upload's lease expired during its commit") from None
+            log.warning("commit of %s/%s: %s; finding out", record.owner, record.id, exc)
+        except redis.RedisError as exc:
+            log.warning("commit of %s/%s: %s; finding out", record.owner, record.id, exc)
+        if not self._committed(record, started + fence + 0.5, started + 2 * fence + 5):
+            raise QueueUnavailable("record write failed: Redis did not answer in time")
+
+    def _committed(self, record: ImageRecord, decidable: float, give_up: float) -> bool:
+        """After an ambiguous EXEC: True once the record with this incarnation is seen,
+        False once Redis answers after `decidable` (the fence has expired, so the EXEC
+        can no longer run) without it, or when Redis stays unreachable until `give_up`."""
+        key = _image_key(record.owner, record.id)
+        while True:
+            now = time.monotonic()
+            try:
+                raw = self.redis.get(key)
+                if raw is not None and json.loads(raw).get("gen") == record.gen:
+                    return True
+                if now >= decidable:
+                    return False
+            except redis.RedisError:
+                if now >= give_up:
+                    log.error("commit of %s/%s undecided: Redis unreachable", record.owner, key)
+                    return False
+            time.sleep(0.1)  # polling a remote outcome, bounded by give_up
 
     def update(
-        self, owner: str, image_id: str, change: Change, also: Also | None = None
+        self,
+        owner: str,
+        image_id: str,
+        change: Change,
+        also: Also | None = None,
+        gen: str | None = None,
     ) -> ImageRecord | None:
         """Read-modify-write one record atomically (WATCH/MULTI), and queue `also` (events,
         a job) in the same transaction. Returns the new record, or None when the record does
-        not exist: an update never recreates a deleted image. `change` may raise to abort.
+        not exist — or, with `gen`, is another incarnation: an update never recreates a
+        deleted image nor touches the image uploaded under its id afterwards. `change` may
+        raise to abort.
         """
 
-        def write(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord:
+        def write(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord | None:
+            if gen is not None and record.gen != gen:
+                return None
             record = change(record)
             pipe.multi()
             pipe.set(key, json.dumps(record.to_dict(), separators=(",", ":")))
@@ -134,6 +195,36 @@ class Records:
             return record
 
         return self._watched(owner, image_id, "record update", write)
+
+    def all_ids(self) -> Iterator[tuple[str, str]]:
+        """(owner, id) of every record, in no particular order (SCAN: safe on a live
+        system; ids added meanwhile may or may not be seen)."""
+        prefix = f"{NS}:image:"
+        with _translated("record scan"):
+            for raw in self.redis.scan_iter(match=f"{prefix}*", count=1000):
+                owner, _, image_id = raw.decode()[len(prefix) :].partition(":")
+                yield owner, image_id
+
+    def restore(self, record: ImageRecord, enqueue: Callable[[Pipeline], object] | None) -> bool:
+        """Recreate a record from its bucket copy unless the id has a record or an upload
+        in progress (then False). Record, index entry and job in one transaction."""
+        key = _image_key(record.owner, record.id)
+        lease = lease_key(record.owner, record.id)
+        body = json.dumps(record.to_dict(), separators=(",", ":"))
+        with _translated("record restore"), self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key, lease)  # type: ignore[no-untyped-call]
+                if pipe.exists(key) or pipe.exists(lease):
+                    return False
+                pipe.multi()
+                if enqueue is not None:
+                    enqueue(pipe)
+                pipe.set(key, body)
+                pipe.zadd(_index_key(record.owner), {record.id: created_ms(record)})
+                pipe.execute()
+                return True
+            except WatchError:
+                return False
 
     def page(
         self, owner: str, limit: int, after: tuple[int, str] | None
@@ -173,11 +264,16 @@ class Records:
                     found.append(entry)
         return found[:count]
 
-    def delete(self, owner: str, image_id: str, also: Also | None = None) -> ImageRecord:
+    def delete(
+        self, owner: str, image_id: str, also: Also | None = None, gen: str | None = None
+    ) -> ImageRecord:
         """Remove the record and its index entry (and queue `also`, e.g. an event) in one
-        transaction. A conversion in flight loses its WATCH race and stops writing."""
+        transaction. A conversion in flight loses its WATCH race and stops writing. With
+        `gen`, only that incarnation (NotFound otherwise)."""
 
-        def remove(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord:
+        def remove(pipe: Pipeline, key: str, record: ImageRecord) -> ImageRecord | None:
+            if gen is not None and record.gen != gen:
+                return None
             pipe.multi()
             pipe.delete(key)
             pipe.zrem(_index_key(owner), image_id)
@@ -195,7 +291,7 @@ class Records:
         owner: str,
         image_id: str,
         action: str,
-        write: Callable[[Pipeline, str, ImageRecord], ImageRecord],
+        write: Callable[[Pipeline, str, ImageRecord], ImageRecord | None],
     ) -> ImageRecord | None:
         """Optimistic transaction on one record: WATCH, read, let `write` queue commands
         after MULTI, EXEC; start over when another writer got in between. None when the
@@ -209,23 +305,59 @@ class Records:
                     if raw is None:
                         return None
                     record = write(pipe, key, ImageRecord.from_dict(json.loads(raw)))
+                    if record is None:
+                        return None
                     pipe.execute()
                     return record
-                except WatchError:
-                    continue
+                except WatchError as exc:
+                    if isinstance(exc.__context__, redis.RedisError | OSError):
+                        raise  # the connection failed: the EXEC may have run, never redo it
+                    continue  # another writer got in between: read again
                 finally:
                     pipe.reset()
         raise QueueUnavailable(f"{action} of {image_id!r} lost {_MAX_RACES} races in a row")
 
+    def schedule_purge(self, purge: Purge, due: float, pipe: Pipeline | None = None) -> None:
+        """Remember objects to delete at `due` (epoch seconds), in `pipe` when given."""
+        if pipe is not None:
+            pipe.zadd(PURGES_KEY, {purge.member(): due})
+            return
+        with _translated("purge list"):
+            self.redis.zadd(PURGES_KEY, {purge.member(): due})
+
     def queue_purge(self, prefix: str) -> None:
-        """Remember an image prefix whose objects still have to be deleted (core/janitor)."""
-        with _translated("purge list"):
-            self.redis.sadd(f"{NS}:purge", prefix)
+        """Delete everything under `prefix` at the janitor's next sweep."""
+        self.schedule_purge(Purge(prefix, until=0.0), due=time.time())
 
-    def purges(self) -> list[str]:
+    def due_purges(self, now: float | None = None) -> list[Purge]:
         with _translated("purge list"):
-            return sorted(p.decode() for p in self.redis.smembers(f"{NS}:purge"))  # type: ignore[union-attr]
+            found = self.redis.zrangebyscore(PURGES_KEY, "-inf", now or time.time())
+        return [Purge.parse(m) for m in cast(list[bytes], found)]
 
-    def purged(self, prefix: str) -> None:
+    def purged(self, purge: Purge, now: float | None = None) -> None:
+        """The purge ran: drop it, or keep it for one more run at its `until`."""
         with _translated("purge list"):
-            self.redis.srem(f"{NS}:purge", prefix)
+            if (now or time.time()) < purge.until:
+                self.redis.zadd(PURGES_KEY, {purge.member(): purge.until}, xx=True)
+            else:
+                self.redis.zrem(PURGES_KEY, purge.member())
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """Objects to delete: everything under `prefix` (one incarnation or variant set, never
+    an id's whole prefix), or with `flat` only the objects directly under it (the legacy
+    layout). Deleted when due and once more at `until`, after any job that could still
+    write there has timed out."""
+
+    prefix: str
+    until: float
+    flat: bool = False
+
+    def member(self) -> str:
+        return json.dumps([self.prefix, round(self.until, 3), self.flat], separators=(",", ":"))
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Purge:
+        prefix, until, flat = json.loads(raw)
+        return cls(str(prefix), float(until), bool(flat))

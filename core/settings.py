@@ -82,6 +82,13 @@ class Settings:
     webhooks: tuple[tuple[str, str], ...] = ()
     webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
     log_level: str = "info"
+    # Seconds between janitor sweeps (stale multipart uploads, pending purges).
+    janitor_interval: float = 300.0
+    # An upload's lease (its id reservation and multipart registration) lives this long
+    # unless renewed; the uploading process renews it every third of it.
+    lease_seconds: float = 15.0
+    # Every Redis call gives up after this; an upload's commit is fenced at twice it.
+    redis_timeout: float = 5.0
 
     @property
     def s3_secure(self) -> bool:
@@ -142,6 +149,9 @@ class Settings:
             log_level=r.choice(
                 "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            janitor_interval=r.seconds("PICSTREAM_JANITOR_INTERVAL", 300.0),
+            lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
+            redis_timeout=r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
         )
         if settings.max_uploads + settings.max_event_streams >= settings.web_threads:
             raise ConfigError(

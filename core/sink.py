@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
 
 from minio.datatypes import Part
 
@@ -35,10 +36,33 @@ def object_metadata(
     return meta
 
 
+class Tracker(Protocol):
+    """Told when a multipart upload starts and ends (core/leases.py registers it, so the
+    janitor can abort it if this process dies). `started` may raise to refuse it."""
+
+    def started(self, key: str, upload_id: str) -> None: ...
+
+    def ended(self, key: str, upload_id: str) -> None: ...
+
+
+class _Untracked:
+    def started(self, key: str, upload_id: str) -> None:
+        pass
+
+    def ended(self, key: str, upload_id: str) -> None:
+        pass
+
+
 class ObjectSink:
     def __init__(
-        self, store: Store, key: str, executor: Executor, metadata: Mapping[str, str]
+        self,
+        store: Store,
+        key: str,
+        executor: Executor,
+        metadata: Mapping[str, str],
+        tracker: Tracker | None = None,
     ) -> None:
+        self.tracker = tracker or _Untracked()
         self.store = store
         self.key = key
         self.executor = executor
@@ -52,7 +76,13 @@ class ObjectSink:
         free = self._settle()
         if self.upload is None:
             meta = object_metadata(sniffed.format, None, self.metadata)
-            self.upload = self.store.start_multipart(self.key, sniffed.content_type, meta)
+            upload = self.store.start_multipart(self.key, sniffed.content_type, meta)
+            try:
+                self.tracker.started(upload.key, upload.upload_id)
+            except BaseException:
+                upload.abort()
+                raise
+            self.upload = upload
         number = len(self.parts) + 1
         future = self.executor.submit(self.upload.upload_part, number, part.view())
         self.inflight = (future, part)
@@ -68,8 +98,9 @@ class ObjectSink:
         self._settle()
         self.parts.append(self.upload.upload_part(len(self.parts) + 1, last.view()))
         self.upload.complete(self.parts)
-        self.upload = None
         self.stored = True
+        self.tracker.ended(self.upload.key, self.upload.upload_id)
+        self.upload = None
         # Multipart metadata is fixed at creation, before the hash is known: attach it now.
         if result.size <= COPY_LIMIT:
             self.store.replace_metadata(self.key, sniffed.content_type, meta)
@@ -83,7 +114,8 @@ class ObjectSink:
             except (Exception, FutureTimeout) as exc:  # noqa: BLE001 - the abort matters now
                 log.info("part in flight for %s failed during abort: %s", self.key, exc)
         if self.upload is not None:
-            self.upload.abort()
+            if self.upload.abort():  # else it stays registered: the janitor aborts it
+                self.tracker.ended(self.upload.key, self.upload.upload_id)
             self.upload = None
         if self.stored:  # completed, then a later step failed: leave nothing behind
             self.discard()

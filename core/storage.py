@@ -12,8 +12,12 @@ Every provider error is translated here: callers only ever see `StorageUnavailab
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import json
 import logging
+import socket
+import ssl
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
@@ -196,16 +200,23 @@ class Store:
                 response.release_conn()
         return written
 
-    def stream(
-        self,
-        key: str,
-        offset: int,
-        length: int,
-        chunk_size: int,
-        prefetch: Executor | None = None,
-    ) -> ObjectStream:
-        """Bytes [offset, offset+length) of an object, fetched lazily as a ranged GET."""
-        return ObjectStream(self, key, offset, length, chunk_size, prefetch)
+    def open_range(self, key: str, offset: int, length: int) -> OpenObject:
+        """Send a ranged GET for bytes [offset, offset+length) and wait for the store's answer.
+
+        Every failure surfaces here, before the caller has promised its own client anything:
+        a missing object is NotFound; a store that is down, or an answer that would not carry
+        exactly `length` bytes, is StorageUnavailable. The body is left unread.
+        """
+        with _translated("download"):
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+        body = OpenObject(response, length)
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared != str(length):
+            body.close()
+            raise StorageUnavailable(
+                f"download failed: the store answered {declared} bytes, not {length}"
+            )
+        return body
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under a prefix; returns how many."""
@@ -213,6 +224,23 @@ class Store:
         for key in keys:
             self.delete(key)
         return len(keys)
+
+    def delete_flat(self, prefix: str) -> int:
+        """Delete the objects directly under a prefix, not those under its sub-prefixes."""
+        with _translated("list"):
+            keys = [
+                o.object_name or ""
+                for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=False)
+                if not o.is_dir
+            ]
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def copy(self, source: str, target: str) -> None:
+        """A server-side copy of one object (metadata included)."""
+        with _translated("copy"):
+            self.client.copy_object(self.bucket, target, CopySource(self.bucket, source))
 
     def keys(self, prefix: str) -> list[str]:
         with _translated("list"):
@@ -283,40 +311,110 @@ class MultipartUpload:
                 sorted(parts, key=lambda p: p.part_number),
             )
 
-    def abort(self) -> None:
-        """Best effort: log, never raise, so the original failure is what propagates."""
+    def abort(self) -> bool:
+        """Best effort: log, never raise, so the original failure is what propagates.
+        False when the upload may still exist (the janitor will abort it)."""
         try:
             self.store.abort_upload(self.key, self.upload_id)
-        except (StorageUnavailable, NotFound) as exc:
+        except NotFound:
+            return True
+        except StorageUnavailable as exc:
             log.warning("could not abort multipart upload of %s: %s", self.key, exc.detail)
+            return False
+        return True
+
+
+class OpenObject:
+    """An S3 GET whose answer has arrived and whose body is still unread.
+
+    One relay reads the body: `chunks()` copies it through Python, `raw_body()` hands its
+    socket to a relay that moves it in the kernel. `close()` always ends it.
+    """
+
+    def __init__(self, response: Any, length: int) -> None:
+        self._response = response
+        self.length = length
+
+    @property
+    def size(self) -> int | None:
+        """The whole object's size, when the store said (`Content-Range: bytes a-b/size`)."""
+        total = self._response.headers.get("Content-Range", "").rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+
+    def read(self, n: int) -> bytes:
+        """Up to n more body bytes; b"" at the end."""
+        with _translated("download"):
+            return bytes(self._response.read(n))
+
+    def chunks(self, chunk: int, prefetch: Executor | None = None) -> ObjectStream:
+        """The copying relay: the body in `chunk`-sized pieces, read ahead with `prefetch`."""
+        return ObjectStream(self, chunk, prefetch)
+
+    def raw_body(self) -> RawBody | None:
+        """The plain TCP socket the unread body arrives on, or None whenever relaying it
+        byte for byte is not certainly right: TLS (the socket carries ciphertext), chunked
+        framing, a length other than asked, or a urllib3/http.client whose internals moved.
+        Then read it with `chunks()`.
+
+        This is the one place that reads those private attributes (urllib3's `_fp` and
+        `_connection`, http.client's `fp`); tests/integration/test_download_outage.py fails
+        loudly when a real response no longer has them.
+        """
+        plain = getattr(self._response, "_fp", None)
+        sock = getattr(getattr(self._response, "_connection", None), "sock", None)
+        reader = getattr(plain, "fp", None)
+        if (
+            isinstance(plain, http.client.HTTPResponse)
+            and not getattr(plain, "chunked", True)
+            and getattr(plain, "length", None) == self.length
+            and isinstance(reader, io.BufferedReader)
+            and isinstance(sock, socket.socket)
+            and not isinstance(sock, ssl.SSLSocket)
+        ):
+            return RawBody(sock, reader, self.length)
+        return None
+
+    def close(self) -> None:
+        """Close the response. Its connection goes back to the pool only if urllib3 read the
+        body to the end; otherwise (a kernel relay, a client gone mid-body) it is closed."""
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()
+            response.release_conn()
+
+
+@dataclass(frozen=True, slots=True)
+class RawBody:
+    """An unread response body as the socket it arrives on. http.client may already have
+    read its first bytes together with the headers: send `take_buffered()` first, then
+    exactly `length` minus those from `sock`."""
+
+    sock: socket.socket
+    reader: io.BufferedReader
+    length: int
+
+    def take_buffered(self) -> bytes:
+        """The body bytes already read off the socket (waits for some if there are none)."""
+        with _translated("download"):
+            held = self.reader.peek(1)[: self.length]
+            self.reader.read(len(held))
+        return held
 
 
 class ObjectStream:
-    """An iterator over a ranged S3 GET that a WSGI server can close at any time.
+    """The copying relay: an iterator over an open S3 response that a WSGI server can close
+    at any time.
 
-    The request is sent on the first `next()`. With an executor, the next chunk is fetched
-    while the caller sends the current one (measured: a relay that alternates read and send
-    reaches ~0.7 of a direct GET; overlapped it keeps up). `close()` — called by the server
-    when the response ends or the client goes away — closes the S3 response and releases its
-    connection, even if iteration never started.
+    With an executor, the next chunk is fetched while the caller sends the current one
+    (measured: a relay that alternates read and send reaches ~0.7 of a direct GET;
+    overlapped it keeps up). `close()` — called by the server when the response ends or the
+    client goes away — closes the response, even if iteration never started.
     """
 
-    def __init__(
-        self,
-        store: Store,
-        key: str,
-        offset: int,
-        length: int,
-        chunk: int,
-        prefetch: Executor | None = None,
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.offset = offset
-        self.length = length
+    def __init__(self, body: OpenObject, chunk: int, prefetch: Executor | None = None) -> None:
+        self.body = body
         self.chunk = chunk
         self.prefetch = prefetch
-        self._response: Any = None
         self._next: Future[bytes] | None = None
         self._closed = False
 
@@ -326,22 +424,13 @@ class ObjectStream:
     def __next__(self) -> bytes:
         if self._closed:
             raise StopIteration
-        if self._response is None:
-            with _translated("download"):
-                self._response = self.store.client.get_object(
-                    self.store.bucket, self.key, offset=self.offset, length=self.length
-                )
-        chunk = self._next.result() if self._next is not None else self._read()
+        chunk = self._next.result() if self._next is not None else self.body.read(self.chunk)
         if not chunk:
             self.close()
             raise StopIteration
         if self.prefetch is not None:
-            self._next = self.prefetch.submit(self._read)
+            self._next = self.prefetch.submit(self.body.read, self.chunk)
         return chunk
-
-    def _read(self) -> bytes:
-        with _translated("download"):
-            return bytes(self._response.read(self.chunk))
 
     def close(self) -> None:
         if self._closed:
@@ -351,6 +440,4 @@ class ObjectStream:
             self._next.cancel()
             with contextlib.suppress(Exception):  # the read in flight no longer matters
                 self._next.result(timeout=30)
-        if self._response is not None:
-            self._response.close()
-            self._response.release_conn()
+        self.body.close()

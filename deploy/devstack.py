@@ -4,6 +4,19 @@ Starts what is not configured from outside — Redis unless REDIS_URL is set, an
 unless S3_ENDPOINT is set (MinIO when a `minio` binary is on PATH, else SeaweedFS `weed mini`)
 — on loopback with data under var/, creates the bucket, then runs the Procfile (web + worker)
 with honcho. Ctrl-C stops honcho first, then the servers, each by its PID.
+
+Stopping: honcho sends SIGTERM to every process group of the Procfile, then SIGKILLs what
+still runs 5 s after the first process exited (honcho has no setting for that). Meanwhile
+gunicorn stops accepting and lets in-flight requests finish (its own graceful_timeout is
+longer: honcho's 5 s decide), and the worker's supervisor passes the SIGTERM on to rq (warm
+shutdown). An upload cut by the SIGKILL leaves an incomplete multipart upload in the store,
+so when devstack runs the S3 server itself (then no web process of another stack can be
+using it) it aborts every incomplete multipart upload once the app has stopped, before
+stopping the servers, and once before the app starts (left by a run killed outright).
+
+The worker never exits on its own (its supervisor restarts a dead rq worker and the rq worker
+waits out Redis outages), so a worker crash or a Redis blip no longer makes honcho stop the
+web with it.
 """
 
 from __future__ import annotations
@@ -183,7 +196,25 @@ def ensure_bucket(env: dict[str, str]) -> None:
             time.sleep(0.5)
 
 
+def abort_incomplete_uploads(env: dict[str, str]) -> None:
+    """Abort every incomplete multipart upload in the bucket. Only when no web process can
+    be uploading: the S3 server is ours and the app is not running."""
+    store = Store.from_settings(Settings.from_env(env))
+    try:
+        uploads = store.incomplete_uploads()
+        for upload in uploads:
+            store.abort_upload(upload.key, upload.upload_id)
+    except PicstreamError as exc:
+        print(f"devstack: could not abort incomplete uploads: {exc}", flush=True)
+        return
+    if uploads:
+        names = ", ".join(sorted({upload.key for upload in uploads}))
+        print(f"devstack: aborted {len(uploads)} incomplete upload(s): {names}", flush=True)
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    if procs:
+        print("devstack: stopping the servers", flush=True)
     for proc in reversed(procs):
         if proc.poll() is None:
             proc.terminate()
@@ -200,6 +231,7 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("PORT", "8000")
     servers: list[subprocess.Popen[bytes]] = []
+    own_s3 = False
     try:
         if not env.get("REDIS_URL"):
             proc, env["REDIS_URL"] = start_redis()
@@ -209,6 +241,7 @@ def main() -> int:
             proc, env["S3_ENDPOINT"] = start_s3(env.get("S3_BUCKET") or "picstream", secret)
             servers.append(proc)
             env.update(S3_ACCESS_KEY=DEV_ACCESS_KEY, S3_SECRET_KEY=secret)
+            own_s3 = True
         if not env.get("PICSTREAM_API_KEYS"):
             key = dev_secret("dev-api-key")
             env["PICSTREAM_API_KEYS"] = f"dev:{key}"
@@ -226,11 +259,16 @@ def main() -> int:
         except ConfigError as exc:
             raise SystemExit(f"configuration error: {exc}") from None
         ensure_bucket(env)
+        if own_s3:
+            abort_incomplete_uploads(env)  # left by a run that was killed outright
         print(
             f"devstack: API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)",
             flush=True,
         )
-        return run_procfile(env)
+        code = run_procfile(env)
+        if own_s3:
+            abort_incomplete_uploads(env)  # uploads cut when honcho killed the web
+        return code
     finally:
         stop(servers)
 
@@ -255,7 +293,7 @@ def run_procfile(env: dict[str, str]) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     code = app.wait()
-    print("devstack: stopping the servers", flush=True)
+    print("devstack: the app has stopped", flush=True)
     return 0 if stopping else code
 
 

@@ -24,7 +24,9 @@ threads = _settings.web_threads
 # Connections beyond the threads wait in the accept backlog instead of being refused.
 worker_connections = 4 * _settings.web_threads
 timeout = 60
-# A deploy/restart waits this long for in-flight uploads before cutting them.
+# A deploy/restart waits this long for in-flight uploads before cutting them. (Under
+# `make run`, honcho SIGKILLs the web 5 s after the first Procfile process has exited, whatever
+# this says; deploy/devstack.py then aborts the multipart uploads it cut.)
 graceful_timeout = 120
 keepalive = 5
 preload_app = False

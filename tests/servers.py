@@ -94,11 +94,12 @@ def _popen(
         out.close()
 
 
-def start_redis(workdir: Path) -> Server:
+def start_redis(workdir: Path, port: int | None = None) -> Server:
+    """redis-server on a free port, or on `port` (to restart one a test has stopped)."""
     binary = shutil.which("redis-server")
     if not binary:
         raise RuntimeError("redis-server is not installed (make test installs it)")
-    port = free_port()
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "redis.log"
     proc = _popen(

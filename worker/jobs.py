@@ -1,29 +1,32 @@
 """Job entry points, named in core/jobs.py by dotted path: the wiring around worker/convert.
 
-`convert(owner, image_id)` turns one upload into the variants of its profile:
+`convert(owner, image_id, gen, vset)` makes variant set `vset` of incarnation `gen`:
 
-1. read the record (gone: the image was deleted, end quietly) and download the original
-   to a temporary file (constant memory, whatever its size);
-2. decode once (worker/convert.py); the plan it makes is written to the record (every
-   variant `pending`, the decoded dimensions filled in) with a `status` event;
-3. each variant: encode, PUT next to the original, mark it `ready` (or `failed` with the
-   encoder's reason) with a `variant` event;
-4. the image becomes `ready` (every variant ready) or `failed`, with a final `status`
-   event; then the bucket copy of the record follows and objects of variants that are no
-   longer in the plan (an older profile's) are deleted.
+1. read the record: it must still be incarnation `gen` and still want set `vset` — either
+   as its current `variants` (a fresh upload) or as its `pending` set (a reconvert);
+   otherwise the job was superseded (image deleted, re-uploaded or reconverted again);
+2. download the original to a temporary file (constant memory, whatever its size) and
+   decode it once (worker/convert.py); the plan is written to the record (every variant
+   `pending`, the decoded dimensions filled in) with a `status` event;
+3. each variant: encode, PUT under the set's own prefix, mark it `ready` (or `failed` with
+   the encoder's reason) with a `variant` event;
+4. finish: a fresh upload's set makes the image `ready` (every variant ready) or `failed`;
+   a reconvert's set replaces the served one in the same transaction, and the old set's
+   objects are deleted a minute later (by the janitor, so downloads already under way
+   end). Exactly one final `status` event and one webhook per run; a run whose set is no
+   longer wanted ends silently. Then the bucket copy of the record follows.
 
-Failures: a bad input (ConversionError) is permanent: the image is recorded `failed` with
-the reason and the job returns normally, so rq never retries it. S3 or Redis being
-unreachable is transient: the job raises and rq retries it after the configured intervals;
+Fencing: every record change is a WATCH/MULTI update that checks the incarnation and the
+set first and never recreates a deleted record. A superseded job deletes the objects of its
+own set (a prefix nobody else writes or lists) and ends quietly; a purge scheduled by
+whoever superseded it deletes them again after the job timeout, should the job die first.
+
+Failures: a bad input (ConversionError) is permanent: recorded as `failed` with the reason,
+and the job returns normally, so rq never retries it. S3 or Redis being unreachable is
+transient: the job raises and rq retries it after the configured intervals;
 `conversion_failed` (rq's failure callback) and `horse_killed` (the worker's handler for a
 conversion process that died) record `failed` once no retry is left, so no image stays
 `processing` for ever.
-
-Every record change is a WATCH/MULTI update that never recreates a deleted record. When the
-record is gone, or a newer conversion with another profile has taken over (reconvert), the
-job deletes the variant objects it wrote that the record does not list, and ends quietly.
-Running a job twice gives the same variants: everything is derived from the original and
-the profile, and objects are overwritten in place.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from blake3 import blake3
 from redis import Redis
@@ -45,16 +49,10 @@ from rq.timeouts import JobTimeoutException
 from core import events
 from core.errors import BadRequest, NotFound, PicstreamError
 from core.jobs import make_queue
-from core.models import (
-    ImageRecord,
-    Variant,
-    image_prefix,
-    original_key,
-    record_key,
-    variant_key,
-)
+from core.migrate import migrate_image
+from core.models import ImageRecord, ObjectKeys, PendingSet, Variant
 from core.profiles import Profile
-from core.records import Records, connect
+from core.records import Purge, Records, connect
 from core.settings import Settings
 from core.storage import Store
 from core.webhooks import enqueue_delivery
@@ -62,92 +60,147 @@ from worker.convert import Conversion, ConversionError, Failed, Limits, Rendered
 
 log = logging.getLogger(__name__)
 
+Target = Literal["current", "pending"]
+# How long a replaced variant set stays readable after the record switched away from it.
+RETIRE_GRACE = 60.0
+
 
 class Superseded(Exception):
-    """The record is gone, or a conversion with another profile owns it now."""
+    """The record is another incarnation now, or no longer wants this job's set."""
 
 
 @dataclass(frozen=True, slots=True)
 class Services:
-    """What a job talks to, built in the process that runs it (after the fork)."""
+    """What a job talks to. The worker's composition root (`configure`) hands over the
+    settings once; the clients are built once per process that runs jobs, after the fork
+    (a minio client or a Redis connection must not cross one)."""
 
     settings: Settings
     store: Store
     records: Records
 
+    _settings: ClassVar[Settings | None] = None
+    _built: ClassVar[tuple[int, Services] | None] = None
+
     @classmethod
-    def from_env(cls) -> Services:
-        settings = Settings.from_env(os.environ)
+    def configure(cls, settings: Settings) -> None:
+        cls._settings = settings
+        cls._built = None
+
+    @classmethod
+    def current(cls) -> Services:
+        """The process's services. Unconfigured (rq run without `python -m worker`, e.g.
+        tests in-process), every call builds them from the environment."""
+        if cls._settings is None:
+            return cls.build(Settings.from_env(os.environ))
+        pid = os.getpid()
+        if cls._built is None or cls._built[0] != pid:
+            cls._built = (pid, cls.build(cls._settings))
+        return cls._built[1]
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
         return cls(settings, Store.from_settings(settings), Records(connect(settings)))
 
 
-def convert(owner: str, image_id: str) -> None:
-    """rq job: convert one image (see the module docstring)."""
-    ImageJob(Services.from_env(), owner, image_id).run()
+def convert(owner: str, image_id: str, gen: str = "", vset: str = "") -> None:
+    """rq job: make one variant set (see the module docstring)."""
+    services = Services.current()
+    if not gen:
+        # Queued before incarnations existed: move the image to the current layout,
+        # which queues its conversion anew.
+        migrate_image(services.store, services.records, services.settings, owner, image_id)
+        return
+    ImageJob(services, owner, image_id, gen, vset).run()
 
 
 class ImageJob:
-    def __init__(self, services: Services, owner: str, image_id: str) -> None:
-        self.s = services
-        self.owner = owner
-        self.image_id = image_id
-        self.written: list[str] = []  # variant names this job has PUT
+    def __init__(self, services: Services, owner: str, image_id: str, gen: str, vset: str) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.keys = ObjectKeys(owner, image_id, gen)
+        self.vset = vset
+
+    @property
+    def name(self) -> str:
+        return f"{self.keys.owner}/{self.keys.image_id} {self.keys.gen}/{self.vset}"
 
     def run(self) -> None:
         try:
-            record = self.s.records.get(self.owner, self.image_id)
-        except NotFound:
-            log.info("%s/%s no longer exists; nothing to convert", self.owner, self.image_id)
-            return
-        try:
-            self._convert(record)
-        except Superseded:
-            log.info("%s/%s was deleted or reconverted meanwhile", self.owner, self.image_id)
-            self._discard_unlisted()
+            record = self.services.records.get(self.keys.owner, self.keys.image_id)
+            self._convert(record, self._target(record))
+        except (Superseded, NotFound):
+            log.info("%s: superseded (deleted, re-uploaded or reconverted)", self.name)
+            self._discard_own()
 
-    def _convert(self, record: ImageRecord) -> None:
+    # ------------------------------------------------------------------ which set is ours
+
+    def _target(self, record: ImageRecord) -> Target:
+        if record.gen != self.keys.gen:
+            raise Superseded
+        if record.vset == self.vset:
+            return "current"
+        if record.pending is not None and record.pending.vset == self.vset:
+            return "pending"
+        raise Superseded
+
+    @staticmethod
+    def _set_of(record: ImageRecord, target: Target) -> tuple[Variant, ...]:
+        if target == "pending":
+            assert record.pending is not None
+            return record.pending.variants
+        return record.variants
+
+    @staticmethod
+    def _with_set(
+        record: ImageRecord, target: Target, variants: tuple[Variant, ...]
+    ) -> ImageRecord:
+        if target == "pending":
+            assert record.pending is not None
+            return replace(record, pending=replace(record.pending, variants=variants))
+        return replace(record, variants=variants)
+
+    # ------------------------------------------------------------------ the work
+
+    def _convert(self, record: ImageRecord, target: Target) -> None:
+        profile_name = record.pending.profile if target == "pending" and record.pending else None
+        profile_name = profile_name or record.profile
         try:
-            profile = self.s.settings.profiles.require(record.profile)
+            profile = self.settings.profiles.require(profile_name)
         except BadRequest:
-            self.fail(f"the profile {record.profile!r} no longer exists", record.profile)
+            self.fail(f"the profile {profile_name!r} no longer exists")
             return
         with tempfile.TemporaryDirectory(prefix="picstream-") as tmp:
             conversion = self._open(os.path.join(tmp, "original"), record, profile)
             if conversion is None:
                 return
-            self._start(conversion, profile)
-            for result in conversion.render_all(self.s.settings.convert_threads):
-                self._set_variant(self._store(result), profile)
-        self._finish(profile)
+            self._start(conversion)
+            for result in conversion.render_all(self.settings.convert_threads):
+                self._set_variant(self._store(result))
+        self._finish()
 
     def _open(self, path: str, record: ImageRecord, profile: Profile) -> Conversion | None:
         """Download and decode the original; a permanent failure is recorded -> None."""
         try:
-            self._download(path)
-            return open_image(path, record.format, profile, self._limits())
+            with open(path, "wb") as out:
+                self.services.store.download(self.keys.original, out)
+            limits = Limits(self.settings.max_pixels, self.settings.max_frames)
+            return open_image(path, record.format, profile, limits)
         except NotFound:
             # Deleted meanwhile (then the record is gone too), or lost from the bucket.
-            self.fail("the original is missing from storage", profile.name)
+            self.fail("the original is missing from storage")
         except ConversionError as exc:
-            self.fail(str(exc), profile.name)
+            self.fail(str(exc))
         return None
 
-    def _download(self, path: str) -> None:
-        with open(path, "wb") as out:
-            self.s.store.download(original_key(self.owner, self.image_id), out)
-
-    def _limits(self) -> Limits:
-        return Limits(self.s.settings.max_pixels, self.s.settings.max_frames)
-
     def _store(self, rendered: Rendered | Failed) -> Variant:
-        """PUT one variant next to the original; its entry for the record."""
+        """PUT one variant under this set's prefix; its entry for the record."""
         spec = rendered.spec
         if isinstance(rendered, Failed):
             return Variant(spec.name, "failed", format=spec.format, error=rendered.error)
         digest = blake3(rendered.data, max_threads=1).hexdigest()  # AUTO hangs after fork
-        key = variant_key(self.owner, self.image_id, spec.name)
-        self.written.append(spec.name)
-        self.s.store.put(
+        key = self.keys.variant(self.vset, spec.name)
+        self.services.store.put(
             key, rendered.data, spec.encoder.content_type, {"picstream-blake3": digest}
         )
         return Variant(
@@ -162,131 +215,157 @@ class ImageJob:
 
     # ------------------------------------------------------------------ record changes
 
-    def _start(self, conversion: Conversion, profile: Profile) -> None:
+    def _start(self, conversion: Conversion) -> None:
         def start(record: ImageRecord) -> ImageRecord:
-            _require_profile(record, profile.name)
-            return replace(
-                record,
-                status="processing",
-                error=None,
-                width=conversion.width,
-                height=conversion.height,
-                variants=tuple(Variant(spec.name) for spec in conversion.plan),
-            )
+            target = self._target(record)
+            planned = tuple(Variant(spec.name) for spec in conversion.plan)
+            record = replace(record, width=conversion.width, height=conversion.height)
+            if target == "current":
+                record = replace(record, status="processing", error=None)
+            return self._with_set(record, target, planned)
 
-        self._update(start, lambda pipe, rec: self._event(pipe, events.status_event(rec)))
+        self._update(start, lambda pipe, rec: events.append(pipe, rec, events.status_event(rec)))
 
-    def _set_variant(self, variant: Variant, profile: Profile) -> None:
+    def _set_variant(self, variant: Variant) -> None:
         def set_variant(record: ImageRecord) -> ImageRecord:
-            _require_profile(record, profile.name)
-            if variant.name not in {v.name for v in record.variants}:
+            target = self._target(record)
+            current = self._set_of(record, target)
+            if variant.name not in {v.name for v in current}:
                 raise Superseded
-            return replace(
-                record,
-                variants=tuple(variant if v.name == variant.name else v for v in record.variants),
-            )
+            updated = tuple(variant if v.name == variant.name else v for v in current)
+            return self._with_set(record, target, updated)
 
         self._update(
-            set_variant, lambda pipe, rec: self._event(pipe, events.variant_event(variant))
+            set_variant,
+            lambda pipe, rec: events.append(pipe, rec, events.variant_event(variant)),
         )
 
-    def _finish(self, profile: Profile) -> None:
+    def _finish(self) -> None:
+        replaced: list[str] = []
+
         def finish(record: ImageRecord) -> ImageRecord:
-            _require_profile(record, profile.name)
-            failed = [v for v in record.variants if v.status != "ready"]
-            if not failed:
-                return replace(record, status="ready", error=None)
-            reasons = "; ".join(f"{v.name}: {v.error or v.status}" for v in failed)
-            return replace(
-                record,
-                status="failed",
-                error=f"{len(failed)} of {len(record.variants)} variants failed: {reasons}",
-            )
+            target = self._target(record)
+            replaced.clear()
+            if target == "current" and record.pending is not None:
+                return record  # a reconversion is under way: it ends this image's run
+            status, error = _outcome(self._set_of(record, target))
+            if target == "pending":
+                assert record.pending is not None
+                replaced.append(record.vset)
+                record = _switch(record, record.pending)
+            return replace(record, status=status, error=error)
 
-        record = self._update(finish, self._status_event)
-        self._mirror(record)
-        self._remove_stale(record)
+        def also(pipe: Pipeline, record: ImageRecord) -> None:
+            if record.status != "processing":
+                self._final_events(pipe, record)
+            for old in replaced:
+                self._retire(pipe, record, old)
 
-    def fail(self, reason: str, profile: str | None = None) -> None:
-        """Record the image as failed with `reason` (pending variants fail with it). With
-        `profile`, only if the record is still converted with that profile."""
+        self._mirror(self._update(finish, also))
+
+    def fail(self, reason: str) -> None:
+        """Record that this job's set cannot be made, for `reason`. A fresh upload's image
+        becomes `failed` (variants not ready fail with the reason); a reconvert's pending
+        set is dropped and the image `failed`, its current variants still served."""
+        dropped: list[str] = []
 
         def failed(record: ImageRecord) -> ImageRecord:
-            if profile is not None:
-                _require_profile(record, profile)
+            target = self._target(record)
+            dropped.clear()
+            if target == "current" and record.pending is not None:
+                return record  # the reconversion decides how this image ends
+            if target == "pending":
+                dropped.append(self.vset)
+                return replace(record, status="failed", error=reason, pending=None)
             variants = tuple(
                 v if v.status == "ready" else replace(v, status="failed", error=v.error or reason)
                 for v in record.variants
             )
             return replace(record, status="failed", error=reason, variants=variants)
 
-        log.warning("%s/%s failed: %s", self.owner, self.image_id, reason)
-        self._mirror(self._update(failed, self._status_event))
+        def also(pipe: Pipeline, record: ImageRecord) -> None:
+            if record.status == "failed":
+                self._final_events(pipe, record)
+
+        log.warning("%s failed: %s", self.name, reason)
+        record = self._update(failed, also)
+        for vset in dropped:
+            self._delete_set(vset)
+        self._mirror(record)
 
     def _update(
         self,
         change: Callable[[ImageRecord], ImageRecord],
         also: Callable[[Pipeline, ImageRecord], object],
     ) -> ImageRecord:
-        record = self.s.records.update(self.owner, self.image_id, change, also)
+        keys = self.keys
+        record = self.services.records.update(keys.owner, keys.image_id, change, also, keys.gen)
         if record is None:
             raise Superseded
         return record
 
-    def _status_event(self, pipe: Pipeline, record: ImageRecord) -> None:
-        self._event(pipe, events.status_event(record))
-        self._webhook(pipe, record)
-
-    def _webhook(self, pipe: Pipeline, record: ImageRecord) -> None:
-        """Queue the webhook of a final state in the same transaction as that state."""
-        settings = self.s.settings
+    def _final_events(self, pipe: Pipeline, record: ImageRecord) -> None:
+        """The final status event and the webhook, in the same transaction as the state."""
+        events.append(pipe, record, events.status_event(record))
+        settings = self.settings
         url = record.callback or dict(settings.webhooks).get(record.owner)
-        if url is None or record.status not in ("ready", "failed"):
+        if url is None:
             return
-        queue = make_queue(self.s.records.redis, settings.queue, settings.job_timeout)
+        queue = make_queue(self.services.records.redis, settings.queue, settings.job_timeout)
         enqueue_delivery(queue, url, record, pipe, settings.webhook_retry_intervals)
-
-    def _event(self, pipe: Pipeline, event: dict[str, str]) -> None:
-        events.append(pipe, self.owner, self.image_id, event)
 
     # ------------------------------------------------------------------ bucket
 
+    def _retire(self, pipe: Pipeline, record: ImageRecord, vset: str) -> None:
+        """Schedule the deletion of a replaced set: after RETIRE_GRACE, so that downloads
+        which read the record just before the switch still find their object, and once
+        more after any job still writing it has timed out."""
+        until = time.time() + self.settings.job_timeout + 60
+        purge = Purge(record.keys.vset_prefix(vset), until)
+        self.services.records.schedule_purge(purge, time.time() + RETIRE_GRACE, pipe)
+
+    def _delete_set(self, vset: str) -> None:
+        """Best effort: the purge scheduled with the change deletes it later otherwise."""
+        try:
+            self.services.store.delete_prefix(self.keys.vset_prefix(vset))
+        except PicstreamError as exc:
+            log.warning("could not delete set %s of %s: %s", vset, self.name, exc.detail)
+
     def _mirror(self, record: ImageRecord) -> None:
         """Bring the bucket copy of the record in step with Redis."""
-        self.s.store.put_json(record_key(self.owner, self.image_id), record.to_dict())
-        if not self.s.records.exists(self.owner, self.image_id):
-            # Deleted between our update and the PUT: do not leave a copy behind.
-            self.s.store.delete(record_key(self.owner, self.image_id))
-            raise Superseded
-
-    def _remove_stale(self, record: ImageRecord) -> None:
-        """Delete variant objects the record no longer lists (an earlier profile's)."""
-        keep = {original_key(self.owner, self.image_id), record_key(self.owner, self.image_id)}
-        keep |= {variant_key(self.owner, self.image_id, v.name) for v in record.variants}
-        for key in self.s.store.keys(image_prefix(self.owner, self.image_id)):
-            if key not in keep:
-                self.s.store.delete(key)
-
-    def _discard_unlisted(self) -> None:
-        """Best effort, after Superseded: delete what this job wrote that nobody lists."""
+        self.services.store.put_json(self.keys.record, record.to_dict())
         try:
-            current = self.s.records.get(self.owner, self.image_id)
-            listed = {v.name for v in current.variants}
+            now = self.services.records.get(self.keys.owner, self.keys.image_id)
+            alive = now.gen == self.keys.gen
         except NotFound:
-            listed = set()
-        except PicstreamError as exc:
-            log.warning("could not check %s/%s: %s", self.owner, self.image_id, exc.detail)
-            return
-        for name in set(self.written) - listed:
-            try:
-                self.s.store.delete(variant_key(self.owner, self.image_id, name))
-            except PicstreamError as exc:
-                log.warning("could not delete variant %s: %s", name, exc.detail)
+            alive = False
+        if not alive:
+            # Deleted between our update and the PUT: do not leave a copy behind.
+            self.services.store.delete(self.keys.record)
+
+    def _discard_own(self) -> None:
+        """After Superseded: this job's set is listed by no record; delete its objects."""
+        if self.vset:
+            self._delete_set(self.vset)
 
 
-def _require_profile(record: ImageRecord, profile: str) -> None:
-    if record.profile != profile:
-        raise Superseded
+def _outcome(variants: tuple[Variant, ...]) -> tuple[Literal["ready", "failed"], str | None]:
+    failed = [v for v in variants if v.status != "ready"]
+    if not failed:
+        return "ready", None
+    reasons = "; ".join(f"{v.name}: {v.error or v.status}" for v in failed)
+    return "failed", f"{len(failed)} of {len(variants)} variants failed: {reasons}"
+
+
+def _switch(record: ImageRecord, pending: PendingSet) -> ImageRecord:
+    """The record serving the pending set instead of its current one."""
+    return replace(
+        record,
+        variants=pending.variants,
+        vset=pending.vset,
+        profile=pending.profile,
+        pending=None,
+    )
 
 
 # ---------------------------------------------------------------------- giving up
@@ -314,10 +393,15 @@ def horse_killed(job: Job, retpid: int | None, ret_val: int | None, rusage: Any)
 
 
 def give_up(job: Job, reason: str) -> None:
-    """Record `reason` on the job's image. Never raises: this runs inside rq's bookkeeping."""
+    """Record `reason` for the job's set. Never raises: this runs inside rq's bookkeeping."""
     kwargs = job.kwargs
     try:
-        ImageJob(Services.from_env(), kwargs["owner"], kwargs["image_id"]).fail(reason)
+        if not kwargs.get("gen"):
+            log.error("legacy job %s failed: %s", job.id, reason)
+            return
+        services = Services.current()
+        owner, image_id = kwargs["owner"], kwargs["image_id"]
+        ImageJob(services, owner, image_id, kwargs["gen"], kwargs.get("vset", "")).fail(reason)
     except Superseded:
         pass
     except (PicstreamError, KeyError) as exc:

@@ -8,12 +8,12 @@ import falcon.testing
 import pytest
 from redis import Redis
 
-from core.models import original_key
 from core.storage import Store
 from tests import servers
 from tests.http import Api
 from tests.images import gif, png
 from tests.integration.conftest import ALICE_KEY, BOB_KEY, make_env
+from tests.keys import keys_of
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 AS_BOB = {"Authorization": f"Bearer {BOB_KEY}"}
@@ -70,11 +70,12 @@ def test_images_belong_to_their_owner(client: falcon.testing.TestClient, store: 
     assert theirs.status_code == 404
     assert theirs.json["type"] == "urn:picstream:problem:not-found"
     # Bob may use the same id for his own image: ids are per owner.
-    assert put(client, image_id, gif(), AS_BOB).status_code == 201
+    bobs = put(client, image_id, gif(), AS_BOB)
+    assert bobs.status_code == 201
     assert client.simulate_get(f"/v1/images/{image_id}", headers=AS_ALICE).json["format"] == "png"
     assert client.simulate_get(f"/v1/images/{image_id}", headers=AS_BOB).json["format"] == "gif"
-    assert store.exists(original_key("alice", image_id))
-    assert store.exists(original_key("bob", image_id))
+    assert store.exists(keys_of(created.json).original)
+    assert store.exists(keys_of(bobs.json).original)
 
 
 def test_put_is_idempotent(

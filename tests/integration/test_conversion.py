@@ -22,16 +22,17 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
+from core import janitor
 from core.events import events_key
 from core.jobs import enqueue_convert, make_queue
-from core.models import original_key, record_key, variant_key
 from core.records import Records, connect
 from core.settings import Settings
 from core.storage import Store
 from tests import pixels
 from tests.faults import Outage
 from tests.integration.conftest import ALICE_KEY, BOB_KEY
-from worker.jobs import ImageJob, Services, conversion_failed, horse_killed
+from tests.keys import keys_of, variant_key
+from worker.jobs import RETIRE_GRACE, ImageJob, Services, conversion_failed, horse_killed
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 RunJobs = Callable[[], None]
@@ -70,8 +71,13 @@ def in_redis(redis_client: Redis, image_id: str) -> dict[str, Any]:
 
 
 def events(redis_client: Redis, image_id: str) -> list[dict[str, str]]:
-    entries = redis_client.xrange(events_key("alice", image_id))
+    entries = redis_client.xrange(stream_of(redis_client, image_id))
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+def stream_of(redis_client: Redis, image_id: str) -> str:
+    record = in_redis(redis_client, image_id)
+    return events_key("alice", image_id, record["gen"])
 
 
 @pytest.fixture()
@@ -111,16 +117,16 @@ def test_an_upload_ends_ready_with_every_variant_in_the_bucket(
     )
     for name, variant in by_name.items():
         assert variant["status"] == "ready", variant
-        data = store.read_bytes(variant_key("alice", image_id, name))
+        data = store.read_bytes(variant_key(record, name))
         assert (variant["size"], variant["blake3"]) == (len(data), blake3(data).hexdigest())
         image = pyvips.Image.new_from_buffer(data, "")
         assert (image.width, image.height) == (variant["width"], variant["height"])
         assert variant["width"] == (256 if name.startswith("w256") else 640)
-        info = store.stat(variant_key("alice", image_id, name))
+        info = store.stat(variant_key(record, name))
         assert info.content_type == f"image/{variant['format']}"
         assert info.metadata["picstream-blake3"] == variant["blake3"]
     # The bucket copy is in step with Redis.
-    assert json.loads(store.read_bytes(record_key("alice", image_id))) == in_redis(
+    assert json.loads(store.read_bytes(keys_of(record).record)) == in_redis(
         redis_client, image_id
     )
 
@@ -147,7 +153,7 @@ def test_progress_events_tell_the_whole_story(
     final = seen[-1]
     assert (final["type"], final["status"]) == ("status", "ready")
     assert json.loads(final["record"]) == in_redis(redis_client, image_id)
-    assert 0 < redis_client.ttl(events_key("alice", image_id)) <= 24 * 3600
+    assert 0 < redis_client.ttl(stream_of(redis_client, image_id)) <= 24 * 3600
 
 
 def test_profile_query_picks_the_profile_and_unknown_is_400_before_the_body(
@@ -244,7 +250,8 @@ def test_running_a_job_twice_gives_the_same_variants(
 
     with services.records.redis.pipeline(transaction=True) as pipe:
         pipe.multi()
-        enqueue_convert(services.queue, "alice", image_id, pipe)
+        record = services.records.get("alice", image_id)
+        enqueue_convert(services.queue, record, record.vset, pipe)
         pipe.execute()
     run_jobs()
     assert get(client, image_id) == first
@@ -269,11 +276,13 @@ class DeletingStore(Store):
 
     def __init__(self, store: Store, redis_client: Redis, image_key: str) -> None:
         super().__init__(store.client, store.bucket)
+        self.written: list[str] = []
         self.redis_client = redis_client
         self.image_key = image_key
 
     def put(self, key: str, data: Any, content_type: str, metadata: Any) -> None:
         super().put(key, data, content_type, metadata)
+        self.written.append(key)
         self.redis_client.delete(self.image_key)
 
 
@@ -284,14 +293,16 @@ def test_a_record_deleted_mid_job_ends_it_quietly_and_removes_its_variants(
     redis_client: Redis,
     settings: Settings,
 ) -> None:
-    image_id = upload(client, pixels.save(pixels.marked(), "PNG"))["id"]
+    record = upload(client, pixels.save(pixels.marked(), "PNG"))
+    image_id = record["id"]
     deleting = DeletingStore(store, redis_client, f"picstream:image:alice:{image_id}")
-    job = ImageJob(Services(settings, deleting, Records(connect(settings))), "alice", image_id)
+    services = Services(settings, deleting, Records(connect(settings)))
+    job = ImageJob(services, "alice", image_id, record["gen"], record["vset"])
     job.run()  # no exception: deletion is not an error
-    assert job.written  # it had written a variant before it noticed
+    assert deleting.written  # it had written a variant before it noticed
     assert set(store.keys(f"alice/{image_id}/")) == {
-        original_key("alice", image_id),  # the deletion itself removes these two
-        record_key("alice", image_id),
+        keys_of(record).original,  # the deletion itself removes these two
+        keys_of(record).record,
     }
     assert not redis_client.exists(f"picstream:image:alice:{image_id}")
 
@@ -369,8 +380,11 @@ def test_reconvert_with_another_profile_replaces_the_variants(
     )
     assert resp.status_code == 202
     assert resp.headers["Location"] == f"/v1/images/{image_id}"
-    assert resp.json["status"] == "processing" and resp.json["profile"] == "thumbs"
-    assert [(v["name"], v["status"]) for v in resp.json["variants"]] == [
+    # The current variants keep serving while the new set is made beside them.
+    assert resp.json["status"] == "processing" and resp.json["profile"] == "default"
+    assert all(v["status"] == "ready" and v["url"] for v in resp.json["variants"])
+    assert resp.json["pending"]["profile"] == "thumbs"
+    assert [(v["name"], v["status"]) for v in resp.json["pending"]["variants"]] == [
         ("32x32.avif", "pending"),
         ("32x32.png", "pending"),
     ]
@@ -380,9 +394,13 @@ def test_reconvert_with_another_profile_replaces_the_variants(
     run_jobs()
     record = get(client, image_id)
     assert record["status"] == "ready" and record["profile"] == "thumbs"
-    prefix = f"alice/{image_id}/"
-    assert sorted(store.keys(prefix)) == sorted(
-        prefix + name for name in ("original", "record.json", "32x32.avif", "32x32.png")
+    assert record["pending"] is None and record["vset"] == resp.json["pending"]["vset"]
+    # The replaced set stays readable for a grace period, then the janitor deletes it.
+    assert len(store.keys(f"alice/{image_id}/")) == 2 + 2 + 4
+    janitor.sweep_purges(store, Records(redis_client), now=time.time() + RETIRE_GRACE + 1)
+    keys = keys_of(record)
+    assert sorted(store.keys(f"alice/{image_id}/")) == sorted(
+        [keys.original, keys.record] + [variant_key(record, n) for n in ("32x32.avif", "32x32.png")]
     )
 
 
@@ -390,6 +408,7 @@ def test_reconvert_picks_up_a_changed_profile_file(
     client_with: ClientWith,
     run_jobs: RunJobs,
     store: Store,
+    redis_client: Redis,
     profiles: str,
 ) -> None:
     client = client_with(PICSTREAM_PROFILES=profiles)
@@ -406,8 +425,10 @@ def test_reconvert_picks_up_a_changed_profile_file(
     assert [(v["name"], v["width"], v["height"]) for v in record["variants"]] == [
         ("w100.jpg", 100, 67)
     ]
+    janitor.sweep_purges(store, Records(redis_client), now=time.time() + RETIRE_GRACE + 1)
+    keys = keys_of(record)
     assert sorted(store.keys(f"alice/{image_id}/")) == sorted(
-        f"alice/{image_id}/{name}" for name in ("original", "record.json", "w100.jpg")
+        [keys.original, keys.record, variant_key(record, "w100.jpg")]
     )
 
 

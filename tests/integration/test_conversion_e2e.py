@@ -19,11 +19,11 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from core.jobs import make_queue
-from core.models import variant_key
 from core.settings import Settings
 from core.storage import Store
 from tests import pixels, servers
 from tests.http import Api
+from tests.keys import variant_key
 
 StartWorker = Callable[..., servers.Server]
 
@@ -64,7 +64,7 @@ def test_an_upload_through_gunicorn_is_converted_by_a_worker_process(
     record = wait_for(api, resp.json["id"], timeout=60)
     assert record["status"] == "ready", (record, worker.output()[-3000:])
     for variant in record["variants"]:
-        data = store.read_bytes(variant_key("alice", record["id"], variant["name"]))
+        data = store.read_bytes(variant_key(record, variant["name"]))
         image = pyvips.Image.new_from_buffer(data, "")
         assert (image.width, image.height) == (variant["width"], variant["height"])
         assert abs(image.width / image.height - 1.5) < 0.01  # upright: 900x600 displayed

@@ -30,4 +30,4 @@ def test_pending_purges_are_finished(store: Store, settings: Settings) -> None:
     records.queue_purge("alice/gone/")
     assert sweep_purges(store, records) == 1
     assert store.keys("") == ["alice/kept/original"]
-    assert records.purges() == []
+    assert records.due_purges() == []

@@ -17,13 +17,13 @@ from blake3 import blake3
 from PIL import Image
 from redis import Redis
 
-from core.models import image_prefix, original_key, variant_key
 from core.signing import sign
 from core.storage import Store
 from tests import servers
 from tests.http import Api, Response
 from tests.images import Body
 from tests.integration.conftest import ALICE_KEY, BOB_KEY, SIGNING_KEY
+from tests.keys import keys_of, variant_key
 
 MiB = 1024 * 1024
 
@@ -65,7 +65,7 @@ def assert_download_headers(
 def test_original_download_and_head(api: Api, converted: dict[str, Any], store: Store) -> None:
     url = converted["original_url"].split("127.0.0.1", 1)[1].split("/", 1)[1]
     path = "/" + url
-    body = store.read_bytes(original_key("alice", converted["id"]))
+    body = store.read_bytes(keys_of(converted).original)
 
     got = api.request("GET", path)
     assert got.status == 200
@@ -102,7 +102,7 @@ def test_ranges(
     status: int,
     expect: tuple[int, int | None] | None,
 ) -> None:
-    body = store.read_bytes(original_key("alice", converted["id"]))
+    body = store.read_bytes(keys_of(converted).original)
     size = len(body)
     got = api.request(
         "GET", f"/v1/images/{converted['id']}/original", headers={"Range": range_header}
@@ -145,7 +145,7 @@ def test_variants_are_served_with_their_own_etag(
         assert "immutable" in (pinned.header("Cache-Control") or "")
         got = api.request("GET", f"/v1/images/{converted['id']}/variants/{variant['name']}")
         assert got.status == 200, variant
-        assert got.body == store.read_bytes(variant_key("alice", converted["id"], variant["name"]))
+        assert got.body == store.read_bytes(variant_key(converted, variant["name"]))
         assert blake3(got.body).hexdigest() == variant["blake3"]
         mime = {"jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}[variant["format"]]
         assert_download_headers(got, variant["blake3"], mime)
@@ -219,7 +219,7 @@ def test_redirect_to_a_presigned_store_url(
     with urllib3.PoolManager() as pool:
         direct = pool.request("GET", location)
     assert direct.status == 200
-    assert direct.data == store.read_bytes(original_key("alice", converted["id"]))
+    assert direct.data == store.read_bytes(keys_of(converted).original)
 
 
 def test_every_endpoint_is_owner_scoped(api: Api, converted: dict[str, Any]) -> None:
@@ -244,7 +244,7 @@ def test_every_endpoint_is_owner_scoped(api: Api, converted: dict[str, Any]) -> 
 def test_delete_removes_everything(
     api: Api, converted: dict[str, Any], store: Store, redis_client: Redis
 ) -> None:
-    prefix = image_prefix("alice", converted["id"])
+    prefix = keys_of(converted).prefix
     assert len(store.keys(prefix)) == 2 + len(converted["variants"])
     gone = api.request("DELETE", f"/v1/images/{converted['id']}")
     assert gone.status == 204 and gone.body == b""
@@ -261,7 +261,7 @@ def test_delete_before_conversion_recreates_nothing(
     image_id = api.upload(photo()).json["id"]
     assert api.request("DELETE", f"/v1/images/{image_id}").status == 204
     run_jobs()  # the queued conversion finds no record and ends quietly
-    assert store.keys(image_prefix("alice", image_id)) == []
+    assert store.keys(f"alice/{image_id}/") == []
     assert redis_client.exists(f"picstream:image:alice:{image_id}") == 0
 
 

@@ -12,11 +12,11 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from core.models import original_key, record_key
 from core.settings import Settings
 from core.storage import Store
 from tests.http import Api, multipart
 from tests.images import Body, jpeg, png
+from tests.keys import keys_of
 
 MiB = 1024 * 1024
 PART = 5 * MiB
@@ -58,15 +58,17 @@ def test_raw_upload_is_stored_recorded_and_queued(
     ]
     assert record["created_at"].endswith("Z")
 
-    key = original_key("alice", record["id"])
+    key = keys_of(record).original
     assert store.read_bytes(key) == body
     info = store.stat(key)
     assert info.content_type == "image/jpeg"
     assert info.metadata["picstream-blake3"] == record["blake3"]
-    assert json.loads(store.read_bytes(record_key("alice", record["id"]))) == {
+    assert json.loads(store.read_bytes(keys_of(record).record)) == {
         k: v for k, v in record.items() if k not in ("url", "original_url")
     }
-    assert queued_jobs(redis_client, settings) == [{"owner": "alice", "image_id": record["id"]}]
+    assert queued_jobs(redis_client, settings) == [
+        {"owner": "alice", "image_id": record["id"], "gen": record["gen"], "vset": record["vset"]}
+    ]
     assert api.request("GET", f"/v1/images/{record['id']}").json == record
 
 
@@ -78,7 +80,7 @@ def test_multipart_upload_takes_the_filename_from_the_file_field(api: Api, store
     assert resp.status == 201, resp.body
     assert resp.json["filename"] == "holiday photo.png"
     assert (resp.json["width"], resp.json["height"], resp.json["format"]) == (7, 5, "png")
-    assert store.read_bytes(original_key("alice", resp.json["id"])) == image
+    assert store.read_bytes(keys_of(resp.json).original) == image
 
 
 @pytest.mark.parametrize("kind", ["raw", "multipart"])
@@ -95,7 +97,7 @@ def test_chunked_bodies_are_read_in_full(api: Api, store: Store, kind: str) -> N
     assert resp.json["size"] == body.size
     assert resp.json["blake3"] == body.blake3
     assert (
-        blake3(store.read_bytes(original_key("alice", resp.json["id"]))).hexdigest() == body.blake3
+        blake3(store.read_bytes(keys_of(resp.json).original)).hexdigest() == body.blake3
     )
     assert store.incomplete_uploads() == []
 
@@ -109,7 +111,7 @@ def test_a_body_many_parts_long(api: Api, store: Store, chunked: bool) -> None:
 
     assert resp.status == 201, resp.body
     assert (resp.json["size"], resp.json["blake3"]) == (body.size, body.blake3)
-    key = original_key("alice", resp.json["id"])
+    key = keys_of(resp.json).original
     assert store.stat(key).size == body.size
     hasher = blake3()
     hasher.update(store.read_bytes(key))
@@ -123,7 +125,7 @@ def test_bodies_at_part_boundaries(api: Api, store: Store, size: int) -> None:
     resp = api.upload(iter(body), chunked=True)
 
     assert resp.status == 201, resp.body
-    data = store.read_bytes(original_key("alice", resp.json["id"]))
+    data = store.read_bytes(keys_of(resp.json).original)
     assert len(data) == size
     assert blake3(data).hexdigest() == body.blake3
     assert store.incomplete_uploads() == []
@@ -136,7 +138,7 @@ def test_header_arriving_one_byte_at_a_time(api: Api, store: Store) -> None:
 
     assert resp.status == 201, resp.body
     assert (resp.json["width"], resp.json["height"], resp.json["orientation"]) == (768, 1024, 8)
-    assert store.read_bytes(original_key("alice", resp.json["id"])) == body
+    assert store.read_bytes(keys_of(resp.json).original) == body
 
 
 def test_dimensions_behind_a_large_icc_profile(api: Api) -> None:
@@ -196,4 +198,4 @@ def test_keep_alive_and_pipelined_requests_after_an_upload(api: Api, store: Stor
         assert rest.startswith(b"HTTP/1.1 200")
     finally:
         sock.close()
-    assert store.read_bytes(original_key("alice", record["id"])) == image
+    assert store.read_bytes(keys_of(record).original) == image

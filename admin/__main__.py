@@ -1,0 +1,3 @@
+from admin.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""`picstream-admin`: operator commands. The composition root of a one-shot process: it reads
+the same environment as the web and worker processes (see the README's settings).
+
+    picstream-admin rebuild    recreate Redis records from the bucket's record copies
+    picstream-admin janitor    one janitor sweep now
+    picstream-admin migrate    move images stored before incarnations to the current layout
+
+Each is safe on a live system and idempotent; exit status 0 on success, 1 when a
+dependency failed, 2 on bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from core import janitor
+from core.errors import PicstreamError
+from core.migrate import migrate_all
+from core.rebuild import rebuild
+from core.records import Records, connect
+from core.settings import ConfigError, Settings
+from core.storage import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="picstream-admin", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("rebuild", help="recreate Redis records from the bucket's copies")
+    commands.add_parser("janitor", help="one janitor sweep now")
+    commands.add_parser("migrate", help="move pre-incarnation images to the current layout")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        print(f"picstream-admin: {exc}", file=sys.stderr)
+        return 2
+    store = Store.from_settings(settings)
+    records = Records(connect(settings))
+    try:
+        if args.command == "rebuild":
+            print(f"rebuild: {rebuild(store, records, settings)}")
+        elif args.command == "janitor":
+            print(f"janitor: {janitor.run_once(store, records)}")
+        else:
+            print(f"migrate: {migrate_all(store, records, settings)} image(s) moved")
+    except PicstreamError as exc:
+        print(f"picstream-admin {args.command}: {exc.detail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Upload leases: an upload's claim on its image id, and the fence its commit depends on.
+
+An upload holds one lease from before its first S3 call until its commit:
+
+    picstream:lease:{owner}:{id}   = a random token, expiring after `ttl` unless renewed
+
+- It reserves the id: a second upload of the same id while the first runs gets 409.
+- It is renewed by a keeper thread of the uploading process (every third of its ttl),
+  whether or not bytes arrive, so a store that stalls mid-upload does not lose it; a dead
+  process stops renewing and the id is free again within `ttl`.
+- It registers the upload's multipart uploads (`picstream:multipart`, a sorted set scored
+  by lease expiry), so the janitor aborts the parts of a dead process within minutes.
+- It fences the commit (core/records.py `commit`): the commit WATCHes the lease key, and
+  Redis aborts an EXEC when a watched key expired in between (Redis >= 6.0.9, tested in
+  tests/integration/test_commit.py). A commit delayed past the lease therefore never
+  happens, which is what makes a timed-out commit decidable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import cast
+
+import redis
+from redis import Redis
+
+from core.errors import Conflict, QueueUnavailable
+from core.records import NS, lease_key
+
+log = logging.getLogger(__name__)
+
+MULTIPART_KEY = f"{NS}:multipart"
+
+# Renew: extend the lease only while it is still ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# Release: delete the lease only while it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def multipart_member(key: str, upload_id: str) -> str:
+    return json.dumps([key, upload_id], separators=(",", ":"))
+
+
+class UploadLease:
+    """One upload's lease. Use through `Leases.hold`."""
+
+    def __init__(self, client: Redis, owner: str, image_id: str, ttl: float) -> None:
+        self.redis = client
+        self.owner = owner
+        self.image_id = image_id
+        self.key = lease_key(owner, image_id)
+        self.token = secrets.token_hex(16)
+        self.ttl_ms = int(ttl * 1000)
+        self.multipart: set[str] = set()
+        self.lost = False
+        self.frozen = False  # set by the commit: no renewal may extend the fence
+        self._lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        try:
+            return bool(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"id reservation failed: Redis {type(exc).__name__}") from exc
+
+    def renew(self) -> None:
+        """Extend the lease and the multipart registrations (keeper thread)."""
+        with self._lock:
+            if self.frozen or self.lost:
+                return
+            members = list(self.multipart)
+            expires = _now_ms() + self.ttl_ms
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            for member in members:
+                pipe.zadd(MULTIPART_KEY, {member: expires}, xx=True)
+            held = pipe.execute()[0]
+        if not held:
+            self.lost = True
+            log.warning("the lease of %s/%s was lost", self.owner, self.image_id)
+
+    def freeze(self, fence_ms: int) -> bool:
+        """Stop renewing and shorten the lease to `fence_ms`: the commit that follows must
+        reach Redis before that, or never take effect. False if the lease is not ours."""
+        with self._lock:
+            self.frozen = True
+            if self.lost:
+                return False
+            return bool(self.redis.eval(_RENEW, 1, self.key, self.token, fence_ms))
+
+    # The multipart tracker interface used by core/sink.py.
+    def started(self, key: str, upload_id: str) -> None:
+        member = multipart_member(key, upload_id)
+        try:
+            self.redis.zadd(MULTIPART_KEY, {member: _now_ms() + self.ttl_ms})
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"upload registration failed: {type(exc).__name__}") from exc
+        with self._lock:
+            self.multipart.add(member)
+
+    def ended(self, key: str, upload_id: str) -> None:
+        member = multipart_member(key, upload_id)
+        with self._lock:
+            self.multipart.discard(member)
+        try:
+            self.redis.zrem(MULTIPART_KEY, member)
+        except redis.RedisError as exc:  # the janitor finds it aborted or completed
+            log.info("could not unregister the upload of %s: %s", key, type(exc).__name__)
+
+    def release(self) -> None:
+        """Free the id. Multipart uploads still registered (their abort failed) stay so,
+        and expire with the lease: the janitor aborts them."""
+        with self._lock:
+            self.frozen = True
+        try:
+            self.redis.eval(_RELEASE, 1, self.key, self.token)
+        except redis.RedisError as exc:  # it expires by itself
+            log.info("could not release the lease of %s: %s", self.key, type(exc).__name__)
+
+
+class Leases:
+    """The leases of one process, renewed by one keeper thread."""
+
+    def __init__(self, client: Redis, ttl: float) -> None:
+        self.redis = client
+        self.ttl = ttl
+        self._live: weakref.WeakSet[UploadLease] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def hold(self, owner: str, image_id: str) -> Iterator[UploadLease]:
+        """The lease on `image_id` for the duration of the block; Conflict if another
+        upload holds it."""
+        lease = UploadLease(self.redis, owner, image_id, self.ttl)
+        if not lease.acquire():
+            raise Conflict(f"an upload to image {image_id!r} is already in progress")
+        self._track(lease)
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                self._live.discard(lease)
+            lease.release()
+
+    def _track(self, lease: UploadLease) -> None:
+        with self._lock:
+            self._live.add(lease)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._keep, name="lease-keeper", daemon=True)
+                self._thread.start()
+
+    def _keep(self) -> None:
+        while True:
+            time.sleep(self.ttl / 3)
+            with self._lock:
+                live = list(self._live)
+            for lease in live:
+                try:
+                    lease.renew()
+                except redis.RedisError as exc:
+                    log.warning("lease renewal failed: %s", type(exc).__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def expired_multipart(client: Redis, now_ms: int | None = None) -> list[tuple[str, str, str]]:
+    """(key, upload_id, member) of registered multipart uploads whose lease expired."""
+    found = client.zrangebyscore(MULTIPART_KEY, "-inf", now_ms or _now_ms())
+    out = []
+    for member in cast(list[bytes], found):
+        text = member.decode() if isinstance(member, bytes) else str(member)
+        key, upload_id = json.loads(text)
+        out.append((key, upload_id, text))
+    return out
