@@ -6,7 +6,8 @@ the same environment as the web and worker processes (see the README's settings)
     picstream-admin migrate    move images stored before incarnations to the current layout
 
 Each is safe on a live system and idempotent; exit status 0 on success, 1 when a
-dependency failed, 2 on bad settings.
+dependency failed, 2 on bad settings. `--env-file FILE` adds KEY=VALUE settings from a file
+(e.g. `var/dev.env`, which `make run` writes) over the environment.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from core.storage import Store
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="picstream-admin", description=__doc__.split("\n")[0])
+    parser.add_argument("--env-file", help="KEY=VALUE settings to use over the environment")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("rebuild", help="recreate Redis records from the bucket's copies")
     commands.add_parser("janitor", help="one janitor sweep now")
@@ -34,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings.from_env(os.environ)
-    except ConfigError as exc:
+        env = {**os.environ, **(read_env_file(args.env_file) if args.env_file else {})}
+        settings = Settings.from_env(env)
+    except (ConfigError, OSError) as exc:
         print(f"picstream-admin: {exc}", file=sys.stderr)
         return 2
     store = Store.from_settings(settings)
@@ -51,6 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"picstream-admin {args.command}: {exc.detail}", file=sys.stderr)
         return 1
     return 0
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """`KEY=VALUE` lines; blank lines and `#` comments skipped; no quoting or expansion."""
+    values = {}
+    with open(path, encoding="utf-8") as lines:
+        for n, line in enumerate(lines, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"{path}, line {n}: expected KEY=VALUE")
+            values[key.strip()] = value.strip()
+    return values
 
 
 def run() -> None:

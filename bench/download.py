@@ -158,7 +158,9 @@ class Watchers:
 
 
 def watchers_bench(api: Api, redis: Redis, pid: int, count: int) -> None:
-    ids = [api.upload(png(8, 8)).json["id"] for _ in range(100)]  # no worker: all processing
+    made = [api.upload(png(8, 8)).json for _ in range(100)]  # no worker: all processing
+    ids = [m["id"] for m in made]
+    streams = [events_key("bench", m["id"], m["gen"]) for m in made]
     paths = [f"/v1/images/{ids[n % len(ids)]}/events" for n in range(count)]
     idle_rss, idle_threads = rss_kib(pid), threads_of(pid)
     watchers = Watchers(api, paths)
@@ -183,10 +185,8 @@ def watchers_bench(api: Api, redis: Redis, pid: int, count: int) -> None:
         probe = f"probe-{n}"
         sent = time.perf_counter()
         pipe = redis.pipeline()
-        for image_id in ids:
-            pipe.xadd(
-                events_key("bench", image_id), {"type": "variant", "name": probe, "status": "ready"}
-            )
+        for stream in streams:
+            pipe.xadd(stream, {"type": "variant", "name": probe, "status": "ready"})
         pipe.execute()
         deadline = sent + 10
         while len(watchers.arrivals.get(probe, [])) < count and time.perf_counter() < deadline:

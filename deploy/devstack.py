@@ -21,6 +21,7 @@ web with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -40,6 +41,13 @@ from core.settings import ConfigError, Settings  # noqa: E402
 from core.storage import Store  # noqa: E402
 
 DEV_ACCESS_KEY = "picstream-dev"
+
+
+def say(*args: object, **kwargs: object) -> None:
+    """print(), but a closed stdout (`make run | tee` whose tee got the Ctrl-C) must not
+    keep devstack from stopping the servers it started."""
+    with contextlib.suppress(OSError, ValueError):
+        print(*args, **kwargs)  # type: ignore[call-overload]
 
 
 def free_port(preferred: int, also_free: int = 0) -> int:
@@ -73,7 +81,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: 
 
 def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(VAR / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    print(f"devstack: starting {name}: {' '.join(argv)}", flush=True)
+    say(f"devstack: starting {name}: {' '.join(argv)}", flush=True)
     # Own session: Ctrl-C reaches devstack and honcho only; we stop servers after the app.
     return subprocess.Popen(
         argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -205,16 +213,16 @@ def abort_incomplete_uploads(env: dict[str, str]) -> None:
         for upload in uploads:
             store.abort_upload(upload.key, upload.upload_id)
     except PicstreamError as exc:
-        print(f"devstack: could not abort incomplete uploads: {exc}", flush=True)
+        say(f"devstack: could not abort incomplete uploads: {exc}", flush=True)
         return
     if uploads:
         names = ", ".join(sorted({upload.key for upload in uploads}))
-        print(f"devstack: aborted {len(uploads)} incomplete upload(s): {names}", flush=True)
+        say(f"devstack: aborted {len(uploads)} incomplete upload(s): {names}", flush=True)
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     if procs:
-        print("devstack: stopping the servers", flush=True)
+        say("devstack: stopping the servers", flush=True)
     for proc in reversed(procs):
         if proc.poll() is None:
             proc.terminate()
@@ -245,7 +253,7 @@ def main() -> int:
         if not env.get("PICSTREAM_API_KEYS"):
             key = dev_secret("dev-api-key")
             env["PICSTREAM_API_KEYS"] = f"dev:{key}"
-            print(
+            say(
                 f"\nWARNING: PICSTREAM_API_KEYS is not set; using the development key\n"
                 f"  owner dev, key {key}   (kept in var/dev-api-key)\n"
                 f"  curl -H 'Authorization: Bearer {key}' -T photo.jpg "
@@ -261,8 +269,11 @@ def main() -> int:
         ensure_bucket(env)
         if own_s3:
             abort_incomplete_uploads(env)  # left by a run that was killed outright
-        print(
-            f"devstack: API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)",
+        write_env_file(env)
+        say(
+            f"devstack: API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)\n"
+            f"devstack: settings in {ENV_FILE.relative_to(ROOT)}, e.g. for"
+            f" .venv/bin/picstream-admin --env-file {ENV_FILE.relative_to(ROOT)} janitor",
             flush=True,
         )
         code = run_procfile(env)
@@ -271,6 +282,20 @@ def main() -> int:
         return code
     finally:
         stop(servers)
+
+
+# The settings this stack runs with, for operator commands run beside it.
+ENV_FILE = VAR / "dev.env"
+_SHARED = ("PORT", "REDIS_URL", "S3_", "PICSTREAM_")
+
+
+def write_env_file(env: dict[str, str]) -> None:
+    """KEY=VALUE lines of the stack's settings; readable by this user only (keys in it)."""
+    lines = [f"{k}={v}\n" for k, v in sorted(env.items()) if k.startswith(_SHARED)]
+    fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("# written by `make run` (deploy/devstack.py); settings of the running stack\n")
+        out.writelines(lines)
 
 
 def run_procfile(env: dict[str, str]) -> int:
@@ -293,7 +318,7 @@ def run_procfile(env: dict[str, str]) -> int:
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     code = app.wait()
-    print("devstack: the app has stopped", flush=True)
+    say("devstack: the app has stopped", flush=True)
     return 0 if stopping else code
 
 
