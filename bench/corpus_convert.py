@@ -29,6 +29,7 @@ from PIL import Image, ImageChops, ImageOps, ImageStat
 from bench.stack import running
 from core.storage import Store
 from tests.http import Api
+from tests.keys import variant_key
 
 KEY = "corpus-key-0123456789abcdef"
 WAIT = 180.0  # seconds an image may stay in processing before it counts as stuck
@@ -79,7 +80,7 @@ def check_ready(
     problems: list[str] = []
     verdicts: set[str] = set()
     for variant in record["variants"]:
-        data = store.read_bytes(f"{record['owner']}/{record['id']}/{variant['name']}")
+        data = store.read_bytes(variant_key(record, variant["name"]))
         image = pyvips.Image.new_from_buffer(data, "")
         if (image.width, _page_height(image)) != (variant["width"], variant["height"]):
             problems.append(f"{variant['name']} size differs from its record")

@@ -27,6 +27,7 @@ from core.events import events_key
 from core.storage import Store
 from tests.http import Api
 from tests.images import Body, png
+from tests.keys import keys_of
 from tests.servers import PeakRss, cpu_seconds, rss_kib
 
 MiB = 1024 * 1024
@@ -75,7 +76,7 @@ def downloads(api: Api, store: Store, pid: int, weed_pid: int, size: int, rounds
     created = api.upload(iter(body), headers={"Content-Length": str(size)})
     assert created.status == 201, created.body
     image_id = created.json["id"]
-    key = f"bench/{image_id}/original"
+    key = keys_of(created.json).original
     path = f"/v1/images/{image_id}/original"
     sdk, ours, peaks = [], [], []
     cpu = {"gunicorn": 0.0, "weed": 0.0}
