@@ -9,7 +9,9 @@ down at the moment of the cleanup. One sweep:
 2. aborts unregistered incomplete uploads older than a day (a process killed between
    starting a multipart upload and registering it; S3 keeps such parts for ever);
 3. deletes due purges (core/records.py `Purge`): incarnations and variant sets that were
-   deleted or replaced, each exactly its own prefix, never an id's whole prefix.
+   deleted or replaced, and incarnations whose upload never committed (its process died
+   after storing the original: core/leases.py), each exactly its own prefix, never an
+   id's whole prefix.
 
 Workers run a sweep every PICSTREAM_JANITOR_INTERVAL seconds, one at a time cluster-wide;
 `picstream-admin janitor` runs one now.

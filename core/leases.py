@@ -13,7 +13,15 @@ An upload holds one lease from before its first S3 call until its commit:
 - It fences the commit (core/records.py `commit`): the commit WATCHes the lease key, and
   Redis aborts an EXEC when a watched key expired in between (Redis >= 6.0.9, tested in
   tests/integration/test_commit.py). A commit delayed past the lease therefore never
-  happens, which is what makes a timed-out commit decidable.
+  happens, which is what makes a timed-out commit decidable. Freezing changes the lease's
+  value, so a renewal (or an earlier try of the freeze) that reaches Redis late finds no
+  lease to extend and cannot move the fence.
+- It guards the incarnation's objects: a purge of the upload's prefix, due only once the
+  lease has expired (plus GUARD_MARGIN), renewed with it and cancelled by the commit in its
+  transaction. The objects of an upload that never committed — its process killed between
+  storing the original and committing — are deleted by the janitor, and `rebuild` never
+  brings such an upload back. Lease expiry and guard are set in one script, on Redis's
+  clock, so a late renewal can never leave the guard due while the lease still lives.
 """
 
 from __future__ import annotations
@@ -32,23 +40,60 @@ import redis
 from redis import Redis
 
 from core.errors import Conflict, QueueUnavailable
-from core.records import NS, lease_key
+from core.records import NS, PURGES_KEY, Purge, lease_key
 
 log = logging.getLogger(__name__)
 
 MULTIPART_KEY = f"{NS}:multipart"
 
-# Renew: extend the lease only while it is still ours.
-_RENEW = """
+# A guard comes due this long after the lease it follows expired: the janitor compares it
+# with its own clock, which may differ from Redis's.
+GUARD_MARGIN = 60.0
+
+# The guard's due time (KEYS[2], member ARGV[3]): the lease's expiry on Redis's clock, in
+# epoch seconds, + ARGV[4]. Updated only if the guard exists.
+_GUARD = """
+local function guard(ms)
+  if ARGV[3] ~= '' then
+    local now = redis.call('TIME')
+    local due = tonumber(now[1]) + tonumber(now[2]) / 1e6 + ms / 1000 + tonumber(ARGV[4])
+    redis.call('ZADD', KEYS[2], 'XX', due, ARGV[3])
+  end
+end
+"""
+# Renew: extend the lease (and its guard) only while it is ours and not frozen.
+_RENEW = (
+    _GUARD
+    + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  guard(tonumber(ARGV[2]))
   return 1
 end
 return 0
 """
-# Release: delete the lease only while it is still ours.
+)
+# Freeze: the lease expires in ARGV[2] ms and never again changes (its value becomes
+# token:frozen, which no renewal matches). A retry of a freeze that was applied: 1.
+_FREEZE = (
+    _GUARD
+    + """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1] .. ':frozen', 'PX', ARGV[2])
+  guard(tonumber(ARGV[2]))
+  return 1
+end
+if held == ARGV[1] .. ':frozen' then
+  return 1
+end
+return 0
+"""
+)
+# Release: delete the lease only while it is still ours (frozen or not).
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] or held == ARGV[1] .. ':frozen' then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -70,6 +115,7 @@ class UploadLease:
         self.token = secrets.token_hex(16)
         self.ttl_ms = int(ttl * 1000)
         self.multipart: set[str] = set()
+        self.guarded = ""  # the purge member guarding the incarnation's objects, if any
         self.lost = False
         self.frozen = False  # set by the commit: no renewal may extend the fence
         self._lock = threading.Lock()
@@ -88,7 +134,7 @@ class UploadLease:
             members = list(self.multipart)
             expires = _now_ms() + self.ttl_ms
             pipe = self.redis.pipeline(transaction=False)
-            pipe.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            pipe.eval(_RENEW, 2, *self._script_args(self.ttl_ms))
             for member in members:
                 pipe.zadd(MULTIPART_KEY, {member: expires}, xx=True)
             held = pipe.execute()[0]
@@ -103,7 +149,32 @@ class UploadLease:
             self.frozen = True
             if self.lost:
                 return False
-            return bool(self.redis.eval(_RENEW, 1, self.key, self.token, fence_ms))
+            return bool(self.redis.eval(_FREEZE, 2, *self._script_args(fence_ms)))
+
+    def _script_args(self, ms: int) -> tuple[str | int | float, ...]:
+        return (self.key, PURGES_KEY, self.token, ms, self.guarded, GUARD_MARGIN)
+
+    def guard(self, prefix: str) -> None:
+        """Schedule the deletion of everything under `prefix` (this upload's incarnation)
+        for after the lease; the commit cancels it (core/records.py `commit`)."""
+        member = Purge(prefix, 0.0).member()
+        due = time.time() + self.ttl_ms / 1000 + GUARD_MARGIN  # after the lease it follows
+        try:
+            self.redis.zadd(PURGES_KEY, {member: due})
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"upload registration failed: {type(exc).__name__}") from exc
+        with self._lock:
+            self.guarded = member
+
+    def unguard(self) -> None:
+        """Cancel the guard: nothing was ever written under the prefix."""
+        with self._lock:
+            member, self.guarded = self.guarded, ""
+        if member:
+            try:
+                self.redis.zrem(PURGES_KEY, member)
+            except redis.RedisError as exc:  # the janitor's purge finds nothing to delete
+                log.info("could not cancel the guard of %s: %s", self.key, type(exc).__name__)
 
     # The multipart tracker interface used by core/sink.py.
     def started(self, key: str, upload_id: str) -> None:

@@ -14,7 +14,9 @@ a legacy conversion job moves its own image. Per image:
    ready; the old stream's watchers get a final status event;
 4. the legacy objects (those directly under `{owner}/{id}/`) are deleted.
 
-Idempotent and resumable: an image already migrated only has step 4 repeated.
+Idempotent and resumable: an image already migrated only has step 4 repeated. Two runs at
+once (`migrate` while a legacy job migrates the same image) copy into the same prefix; the
+one whose update comes second leaves it alone, since it is the record's now.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def _derived(record: ImageRecord, salt: int) -> str:
     return stamp + record.blake3[8 * salt : 8 * salt + 8]
 
 
+def migration_keys(record: ImageRecord) -> ObjectKeys:
+    """Where `migrate` copies a legacy record's objects: derived from the record, the same
+    on every run (so deleting a legacy image deletes what an interrupted run copied)."""
+    return ObjectKeys(record.owner, record.id, _derived(record, 0))
+
+
 def migrate_image(
     store: Store, records: Records, settings: Settings, owner: str, image_id: str
 ) -> bool:
@@ -55,7 +63,7 @@ def migrate_image(
     if not record.keys.legacy:
         store.delete_flat(legacy.prefix)  # an earlier run stopped before this step
         return False
-    moved = replace(record, gen=_derived(record, 0), vset=_derived(record, 1))
+    moved = replace(record, gen=migration_keys(record).gen, vset=_derived(record, 1))
     keys = moved.keys
     _copy(store, legacy.original, keys.original)
     complete = True
@@ -90,6 +98,12 @@ def migrate_image(
     except _Changed:
         updated = None
     if updated is None:
+        if _is_live(records, moved):
+            # Another run (`migrate` and a legacy job at once) switched it first, to the
+            # same derived incarnation: what we copied is what it serves.
+            store.delete_flat(legacy.prefix)
+            return False
+        # Deleted or re-uploaded: no record can switch to this prefix any more.
         log.info("%s/%s changed during its migration; left as it is now", owner, image_id)
         store.delete_prefix(keys.prefix)
         return False
@@ -100,6 +114,13 @@ def migrate_image(
 
 class _Changed(Exception):
     pass
+
+
+def _is_live(records: Records, moved: ImageRecord) -> bool:
+    try:
+        return records.get(moved.owner, moved.id).gen == moved.gen
+    except NotFound:
+        return False
 
 
 def _copy(store: Store, source: str, target: str) -> bool:

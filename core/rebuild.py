@@ -12,7 +12,9 @@ for each image id, takes its newest incarnation that still has its original:
   converting (or whose variant objects are missing) comes back `processing` with a new
   variant set and a conversion job, in the same transaction as the record;
 - older incarnations of a restored id (deleted ones whose purge was lost with Redis) are
-  scheduled for purging.
+  scheduled for purging;
+- an incarnation with a purge pending (deleted while the store was down, or an upload that
+  never committed: core/leases.py) is not a candidate: Redis still knows it is gone.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ def _rebuild_one(
         record = ImageRecord.from_dict(json.loads(store.read_bytes(keys.record)))
         if (record.owner, record.id, record.gen) != (owner, image_id, gen):
             raise ValueError(f"{keys.record} describes another image")
-        if not store.exists(keys.original):
-            continue
+        # Asked before the store: a purge that is gone by now has deleted the original.
+        if records.purging(keys.prefix) or not store.exists(keys.original):
+            continue  # deleted (or never committed), its objects not yet purged; or lost
         restored, needs_job = _as_restored(store, record)
         queue = make_queue(records.redis, settings.queue, settings.job_timeout)
         job = partial(

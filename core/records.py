@@ -5,6 +5,7 @@ Keys (all under `picstream:`):
   images:{owner}        sorted set of ids by creation time (milliseconds), for listing
   lease:{owner}:{id}    held while an upload of that id runs (core/leases.py)
   purges                sorted set of object prefixes still to delete, scored by when
+                        (also the guards of uploads not yet committed: core/leases.py)
 
 Every redis error is translated to `QueueUnavailable` here.
 """
@@ -123,10 +124,12 @@ class Records:
         key = _image_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
         fence_ms = int(fence * 1000)
-        started = time.monotonic()
         with _translated("record write"):
             if not lease.freeze(fence_ms):
                 raise QueueUnavailable("the upload's lease expired before its commit")
+        # Redis set the fence before it answered (a retried freeze too: see _FREEZE), so it
+        # expires at the latest `fence` from now.
+        started = time.monotonic()
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 pipe.watch(lease.key, key)  # type: ignore[no-untyped-call]
@@ -137,6 +140,8 @@ class Records:
                 pipe.set(key, body)
                 pipe.zadd(_index_key(record.owner), {record.id: created_ms(record)})
                 pipe.delete(lease.key)
+                if lease.guarded:  # the objects are the record's now
+                    pipe.zrem(PURGES_KEY, lease.guarded)
                 pipe.execute()
                 return
         except WatchError as exc:
@@ -328,6 +333,13 @@ class Records:
     def queue_purge(self, prefix: str) -> None:
         """Delete everything under `prefix` at the janitor's next sweep."""
         self.schedule_purge(Purge(prefix, until=0.0), due=time.time())
+
+    def purging(self, prefix: str) -> bool:
+        """Whether a purge of exactly `prefix` is pending: its objects belong to an image
+        that was deleted, or to an upload that never committed (core/leases.py)."""
+        with _translated("purge list"):
+            found = self.redis.zrange(PURGES_KEY, 0, -1)
+        return any(Purge.parse(m).prefix == prefix for m in cast(list[bytes], found))
 
     def due_purges(self, now: float | None = None) -> list[Purge]:
         with _translated("purge list"):

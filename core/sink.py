@@ -71,9 +71,11 @@ class ObjectSink:
         self.parts: list[Part] = []
         self.inflight: tuple[Future[Part], PartBuffer] | None = None
         self.stored = False  # the object exists in the bucket (the caller may delete it)
+        self.began = False  # a write to the bucket was attempted
 
     def write_part(self, part: PartBuffer, sniffed: Sniffed) -> PartBuffer | None:
         free = self._settle()
+        self.began = True
         if self.upload is None:
             meta = object_metadata(sniffed.format, None, self.metadata)
             upload = self.store.start_multipart(self.key, sniffed.content_type, meta)
@@ -91,6 +93,7 @@ class ObjectSink:
     def finish(self, last: PartBuffer, result: Ingested) -> None:
         sniffed = result.sniffed
         meta = object_metadata(sniffed.format, result.blake3, self.metadata)
+        self.began = True
         if self.upload is None:
             self.store.put(self.key, last.view(), sniffed.content_type, meta)
             self.stored = True

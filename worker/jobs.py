@@ -20,6 +20,9 @@ Fencing: every record change is a WATCH/MULTI update that checks the incarnation
 set first and never recreates a deleted record. A superseded job deletes the objects of its
 own set (a prefix nobody else writes or lists) and ends quietly; a purge scheduled by
 whoever superseded it deletes them again after the job timeout, should the job die first.
+A job that runs again after its run ended (rq retries it when a step after the final
+write failed, or runs a duplicate) finds its set current and finished: it changes nothing
+and sends nothing, it only brings the bucket copy up to date.
 
 Failures: a bad input (ConversionError) is permanent: recorded as `failed` with the reason,
 and the job returns normally, so rq never retries it. S3 or Redis being unreachable is
@@ -67,6 +70,12 @@ RETIRE_GRACE = 60.0
 
 class Superseded(Exception):
     """The record is another incarnation now, or no longer wants this job's set."""
+
+
+class Ended(Exception):
+    """This job's set is the record's current one and its run has already ended: an
+    earlier attempt (or a duplicate) finished it, then failed after its final write (the
+    bucket copy, a lost EXEC answer). Nothing is left to do, and the set is served."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +141,11 @@ class ImageJob:
         except (Superseded, NotFound):
             log.info("%s: superseded (deleted, re-uploaded or reconverted)", self.name)
             self._discard_own()
+        except Ended:
+            # Never a second final event or webhook, never the served variants back to
+            # `pending`: only the bucket copy may still be behind.
+            log.info("%s: already finished by an earlier attempt", self.name)
+            self._mirror_again()
 
     # ------------------------------------------------------------------ which set is ours
 
@@ -139,6 +153,8 @@ class ImageJob:
         if record.gen != self.keys.gen:
             raise Superseded
         if record.vset == self.vset:
+            if _ended(record):
+                raise Ended
             return "current"
         if record.pending is not None and record.pending.vset == self.vset:
             return "pending"
@@ -287,8 +303,8 @@ class ImageJob:
             if record.status == "failed":
                 self._final_events(pipe, record)
 
-        log.warning("%s failed: %s", self.name, reason)
         record = self._update(failed, also)
+        log.warning("%s failed: %s", self.name, reason)
         for vset in dropped:
             self._delete_set(vset)
         self._mirror(record)
@@ -343,10 +359,28 @@ class ImageJob:
             # Deleted between our update and the PUT: do not leave a copy behind.
             self.services.store.delete(self.keys.record)
 
+    def _mirror_again(self) -> None:
+        """The bucket copy of the record as it is now, if it still is our incarnation."""
+        try:
+            record = self.services.records.get(self.keys.owner, self.keys.image_id)
+        except NotFound:
+            return
+        if record.gen == self.keys.gen:
+            self._mirror(record)
+
     def _discard_own(self) -> None:
         """After Superseded: this job's set is listed by no record; delete its objects."""
         if self.vset:
             self._delete_set(self.vset)
+
+
+def _ended(record: ImageRecord) -> bool:
+    """Whether the run of the record's current set has ended: the image is ready or failed,
+    or a reconversion is under way (which ends the image's run) and no variant of the
+    current set is left to make. A set is current and unfinished only while `processing`."""
+    if record.status != "processing":
+        return True
+    return record.pending is not None and all(v.status != "pending" for v in record.variants)
 
 
 def _outcome(variants: tuple[Variant, ...]) -> tuple[Literal["ready", "failed"], str | None]:
@@ -396,13 +430,14 @@ def give_up(job: Job, reason: str) -> None:
     """Record `reason` for the job's set. Never raises: this runs inside rq's bookkeeping."""
     kwargs = job.kwargs
     try:
-        if not kwargs.get("gen"):
-            log.error("legacy job %s failed: %s", job.id, reason)
-            return
         services = Services.current()
         owner, image_id = kwargs["owner"], kwargs["image_id"]
-        ImageJob(services, owner, image_id, kwargs["gen"], kwargs.get("vset", "")).fail(reason)
-    except Superseded:
+        # A legacy job ({owner, image_id}: queued before incarnations) names gen "" and
+        # set "", which is what a legacy record has: it is failed in place, unless it was
+        # migrated (superseded) or is no longer processing (ended) meanwhile.
+        gen, vset = kwargs.get("gen", ""), kwargs.get("vset", "")
+        ImageJob(services, owner, image_id, gen, vset).fail(reason)
+    except (Superseded, Ended):
         pass
     except (PicstreamError, KeyError) as exc:
         log.error("could not record the failure of job %s (%s): %s", job.id, reason, exc)
