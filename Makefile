@@ -6,12 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint setup redis-server clean
+.PHONY: run test lint setup redis-server nginx clean
 
-run: setup redis-server
+run: setup redis-server nginx
 	$(BIN)/python deploy/devstack.py
 
-test: setup redis-server
+test: setup redis-server nginx
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest --durations=15
 
@@ -37,6 +37,16 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "redis-server is missing: install it (sudo apt-get install redis-server) and re-run"; exit 1; \
+	  fi; }
+
+# nginx (the front, deploy/nginx.conf) from apt when missing and we are root; likewise.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
+	  else \
+	    echo "nginx is missing: install it (sudo apt-get install nginx) and re-run"; exit 1; \
 	  fi; }
 
 clean:

@@ -6,6 +6,7 @@ import falcon
 
 from api import errors
 from api.auth import AuthMiddleware, KeyRing
+from api.openapi import OpenAPIDocument
 from api.resources import Health, Image, Images, Ready, Reconvert
 from api.serving import Best, Events, Original, VariantFile
 from api.uploads import Services, Uploads
@@ -27,6 +28,7 @@ def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response
     uploads = Uploads(services)
     app.add_route("/healthz", Health())
     app.add_route("/readyz", Ready(services))
+    app.add_route("/v1/openapi.json", OpenAPIDocument())
     app.add_route("/v1/images", Images(services, uploads))
     app.add_route("/v1/images/{image_id}", Image(services, uploads))
     app.add_route("/v1/images/{image_id}/reconvert", Reconvert(services))

@@ -1,4 +1,4 @@
-"""Bearer-token authentication: every endpoint but the health checks.
+"""Bearer-token authentication: every endpoint but the health checks and the API description.
 
 Keys are compared in constant time against every configured key (no early exit, so timing
 tells nothing about which key or how much of it matched), and are never logged.
@@ -15,7 +15,9 @@ import falcon
 from core.errors import Forbidden, Unauthorized
 from core.signing import verify
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# SECURITY: exactly these paths are served without a key: the health checks and the API
+# description (api/openapi.yaml, public by design: it holds no secret and no owner's data).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
 # What a signed link may read: an original or a variant.
 SIGNABLE = re.compile(r"/v1/images/[A-Za-z0-9_-]{1,64}/(original|variants/[A-Za-z0-9_.-]{1,64})")
 

@@ -5,7 +5,8 @@ upload is completed.
 
 sha-256 and sha-512 are understood. For a multipart/form-data body the digest covers the file
 itself, not the multipart envelope. A header that names only algorithms we do not know is a
-400, so a client never believes a check happened that did not.
+400, so a client never believes a check happened that did not; so is a header naming one
+algorithm twice (two `Repr-Digest` fields are joined into one list by the server first).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def parse_repr_digest(header: str | None) -> dict[str, bytes]:
         if not match:
             raise BadRequest("Repr-Digest must look like sha-256=:<base64>:")
         name, value = match.group(1), match.group(2)
+        if name in named:
+            # Structured-field parsers let the last member win; two checksums for one
+            # algorithm mean the sender is confused, and either silent choice could skip a
+            # check the client believes in.
+            raise BadRequest(f"Repr-Digest names {name} more than once")
         named.append(name)
         if name not in ALGORITHMS:
             continue

@@ -9,6 +9,13 @@ The body is never buffered: it is relayed by api/splice.py (splice(2) under guni
 1 MiB chunks read ahead), so a multi-GB original costs the same memory as a thumbnail. When
 the client goes away the WSGI server closes the relay, which closes the S3 response and
 releases its connection.
+
+Behind deploy/nginx.conf with PICSTREAM_ACCEL_REDIRECT=1 (gunicorn then marks every request,
+deploy/gunicorn.conf.py) a GET is handed off instead: the app decides status and headers as
+above and answers at once with X-Accel-Redirect; nginx fetches the bytes from the store with a
+presigned URL and the range decided here, so a client that reads slowly (or never) ties up an
+nginx connection, not a request thread. The store is then asked by nginx, which maps its
+failures to the same 404/503 problems.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from email.utils import format_datetime
 
 import falcon
 
-from api import splice
+from api import presign, splice
 from api.http import (
     ByteRange,
     Unsatisfiable,
@@ -30,6 +37,7 @@ from api.http import (
     if_range_allows,
     parse_range,
 )
+from api.limits import CountedBody, Slots
 from core.errors import NotFound, StorageUnavailable
 from core.storage import OpenObject, Store
 
@@ -41,6 +49,24 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 # profile rewrites `w1024.webp`): caches must revalidate, which the ETag makes cheap.
 REVALIDATE = "private, no-cache"
 VERSION_LENGTH = 16
+
+# Hand-off to nginx (deploy/nginx.conf, location /_picstream/store). The WSGI name of the
+# mark gunicorn puts on requests when PICSTREAM_ACCEL_REDIRECT=1.
+ACCEL_MARK = "HTTP_X_PICSTREAM_ACCEL_REDIRECT"
+STORE_LOCATION = "/_picstream/store"
+# Our headers travel to nginx under these names and are put back on a 200/206 only: under
+# their own names nginx would keep Cache-Control, Content-Disposition and Accept-Ranges even on
+# an error page (a 503 marked immutable for a year), and drop the rest.
+FRONT_PREFIX = "X-Picstream-Front-"
+HANDED_OVER = (
+    "ETag",
+    "Last-Modified",
+    "Cache-Control",
+    "Content-Disposition",
+    "Accept-Ranges",
+    "X-Content-Type-Options",
+    "Vary",
+)
 
 
 def version(blake3: str) -> str:
@@ -66,9 +92,12 @@ def serve(
     store: Store,
     blob: Blob,
     prefetch: Executor | None = None,
+    *,
+    slots: Slots,
 ) -> None:
     """Answer GET/HEAD for one stored blob: 200, 206, 304 or 416 — or the problem the store
-    had (503 when it is down, 404 when the file is gone), raised before any header is set."""
+    had (503 when it is down, 404 when the file is gone), raised before any header is set.
+    A relayed body holds one of `slots` (503 busy when none is free)."""
     etag = f'"{blob.blake3}"'
     if etag_matches(req.get_header("If-None-Match"), etag):
         _describe(req, resp, blob, etag)
@@ -80,9 +109,14 @@ def serve(
         _describe(req, resp, blob, etag)
         raise falcon.HTTPRangeNotSatisfiable(blob.size) from None
     start, length = (0, blob.size) if wanted is None else (wanted.start, wanted.length)
-    body = _ask_store(req, store, blob, start, length)
-    if body is not None:  # from here on the WSGI server closes it
-        resp.stream = splice.relay(body, req.env, CHUNK, prefetch)
+    if req.method == "GET" and length and req.env.get(ACCEL_MARK) == "1":
+        _describe(req, resp, blob, etag)
+        _hand_off(resp, store, blob, wanted)
+        return
+    if req.method == "HEAD" or length == 0:
+        _ask_store(req, store, blob, start, length)  # a stat: no body to relay
+    else:  # from here on the WSGI server closes the relay
+        resp.stream = _relay(req, store, blob, start, length, prefetch, slots)
     _describe(req, resp, blob, etag)
     if wanted is not None:
         resp.status = falcon.HTTP_206
@@ -101,10 +135,45 @@ def _describe(req: falcon.Request, resp: falcon.Response, blob: Blob, etag: str)
     resp.content_type = blob.content_type
 
 
+def _hand_off(resp: falcon.Response, store: Store, blob: Blob, wanted: ByteRange | None) -> None:
+    """Let nginx send the bytes: status, Content-Length and Content-Range come from the store's
+    answer to exactly the range decided here (none: the whole object, 200)."""
+    for name in HANDED_OVER:
+        value = resp.get_header(name)
+        if value is not None:
+            resp.delete_header(name)
+            resp.set_header(FRONT_PREFIX + name, value)
+    resp.set_header("X-Accel-Redirect", STORE_LOCATION)
+    resp.set_header("X-Picstream-Store-Path", presign.store_path(store, blob.key))
+    if wanted is not None:
+        resp.set_header("X-Picstream-Store-Range", f"bytes={wanted.start}-{wanted.end}")
+
+
 def _range(req: falcon.Request, blob: Blob, etag: str) -> ByteRange | None:
     if not if_range_allows(req.get_header("If-Range"), etag):
         return None
     return parse_range(req.get_header("Range"), blob.size)
+
+
+def _relay(
+    req: falcon.Request,
+    store: Store,
+    blob: Blob,
+    start: int,
+    length: int,
+    prefetch: Executor | None,
+    slots: Slots,
+) -> CountedBody:
+    """The open S3 response as a relay that holds a download slot until its body is out or
+    the server closes it. The slot is taken first: a refused download costs no S3 request."""
+    slots.admit()
+    try:
+        body = _ask_store(req, store, blob, start, length)
+        assert body is not None  # a GET of a non-empty range
+        return slots.counted(splice.relay(body, req.env, CHUNK, prefetch))
+    except BaseException:
+        slots.release()
+        raise
 
 
 def _ask_store(

@@ -13,6 +13,7 @@ from typing import Any
 
 import falcon
 
+from api.body import body_unread, force_close
 from core import errors as e
 
 log = logging.getLogger(__name__)
@@ -41,23 +42,6 @@ TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
     e.QueueUnavailable: (503, "queue-unavailable", "Queue unavailable"),
 }
 
-# After these the rest of the request body may still be unread: close the connection rather
-# than let the server drain (or misparse) it as the next request.
-_CLOSE = (
-    e.ClientDisconnected,
-    e.ClientTimeout,
-    e.TooLarge,
-    e.NotAnImage,
-    e.UnsupportedFormat,
-    e.CorruptImage,
-    e.TooManyPixels,
-    e.EmptyBody,
-    e.BadRequest,
-    e.Conflict,
-    e.StorageUnavailable,
-    e.QueueUnavailable,
-)
-
 
 def problem(status: int, slug: str, title: str, detail: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"type": TYPE_PREFIX + slug, "title": title, "status": status}
@@ -83,8 +67,7 @@ def handle_domain(
         resp.set_header("Retry-After", str(ex.retry_after))
     if isinstance(ex, e.Unauthorized):
         resp.set_header("WWW-Authenticate", 'Bearer realm="picstream"')
-    if isinstance(ex, _CLOSE):
-        resp.set_header("Connection", "close")
+    _close_if_body_unread(req, resp)
 
 
 def handle_unexpected(
@@ -94,7 +77,7 @@ def handle_unexpected(
         raise ex
     log.exception("unhandled error in %s %s", req.method, req.path)
     respond_problem(resp, problem(500, "internal", "Internal server error"))
-    resp.set_header("Connection", "close")
+    _close_if_body_unread(req, resp, always=True)  # where the request stands is unknown
 
 
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
@@ -102,3 +85,18 @@ def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.
     phrase = HTTPStatus(ex.status_code).phrase
     slug = phrase.lower().replace(" ", "-")
     respond_problem(resp, problem(ex.status_code, slug, phrase, ex.description))
+    _close_if_body_unread(req, resp)
+
+
+def _close_if_body_unread(req: falcon.Request, resp: falcon.Response, always: bool = False) -> None:
+    """Every error answer given before the request body was read to its end closes the
+    connection: the rest of the body must not be drained (a 2 GiB upload refused by its
+    headers) nor parsed as the next request. Which errors those are is not listed anywhere:
+    any row of the table (and falcon's own errors) can be answered before the body was read
+    (`Busy`, `Unauthorized`, `TooLarge`...) or after (`Conflict`, `DigestMismatch`), so
+    the body itself is asked. The header tells clients and servers that honour it;
+    gunicorn ignores it and needs `force_close` (api/body.py).
+    """
+    if always or body_unread(req.env):
+        resp.set_header("Connection", "close")
+        force_close(req.env)

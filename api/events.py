@@ -13,7 +13,9 @@ What a client gets from `GET /v1/images/{id}/events`:
   entry id as `id:`. Status events carry the record as `GET /v1/images/{id}` shows it (with
   its links). The response ends right after the final event: status `ready`/`failed`, or
   `deleted`. A `: keep-alive` comment goes out while nothing happens, which is also how a
-  disconnected client is noticed (on the next write) and its thread freed.
+  disconnected client is noticed (on the next write) and its thread freed; so is one that
+  stopped reading, once it has taken none of our bytes for PICSTREAM_SEND_TIMEOUT (the
+  kernel drops the connection: api/gunicorn.py).
 - `Last-Event-ID` resumes: what came after that entry is replayed (up to a final event),
   then the stream follows. When nothing more will come - the id is at or past the end of a
   ready/failed image's stream, or the image no longer exists - the answer is `204 No

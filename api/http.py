@@ -10,7 +10,15 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import quote
 
-_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
+# RFC 9110 14.1: range units are case-insensitive. Digits are ASCII only (`\d` would also take
+# other scripts' digits, which int() then reads as numbers).
+_RANGE = re.compile(
+    r"[ \t]*bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*", re.IGNORECASE | re.ASCII
+)
+# A position with more significant digits lies past any representation we can hold (S3 objects
+# end below 5 TiB, 13 digits). Such numbers are compared as digit strings, never passed to int():
+# int() refuses more than 4,300 digits (sys.get_int_max_str_digits), which was a 500.
+_MAX_DIGITS = 18
 
 
 class Unsatisfiable(Exception):
@@ -35,27 +43,40 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
 
     RFC 9110 14.2: a header we don't understand (other units, several ranges, garbage) is
     ignored and the full representation sent; a valid range wholly past the end is a 416.
+    Positions of any length are valid: a first position beyond the end is a 416, a last
+    position or suffix length beyond it means "to the end" / "all of it".
     """
     if not header:
         return None
     match = _RANGE.fullmatch(header)
     if not match:
         return None  # multi-range or another unit: answer 200 with everything
-    first, last = match.group(1), match.group(2)
-    if not first and not last:
+    first, last = _significant(match.group(1)), _significant(match.group(2))
+    if first is None and last is None:
         return None
-    if not first:  # suffix: the last N bytes
-        suffix = int(last)
+    if first is None:  # suffix: the last N bytes
+        assert last is not None
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise Unsatisfiable
-        return ByteRange(max(0, size - suffix), size - 1)
-    start = int(first)
-    end = size - 1 if not last else min(int(last), size - 1)
-    if last and int(last) < start:
-        return None  # invalid: ignore the header
-    if start >= size:
+        return ByteRange(0 if suffix is None else max(0, size - suffix), size - 1)
+    if last is not None and (len(last), last) < (len(first), first):
+        return None  # last-pos before first-pos: invalid, ignore the header
+    start = _position(first)
+    if start is None or start >= size:
         raise Unsatisfiable
-    return ByteRange(start, end)
+    end = _position(last) if last is not None else None
+    return ByteRange(start, size - 1 if end is None else min(end, size - 1))
+
+
+def _significant(digits: str) -> str | None:
+    """The digits without leading zeros ("0" for zero), None when there are none."""
+    return (digits.lstrip("0") or "0") if digits else None
+
+
+def _position(digits: str) -> int | None:
+    """The number, or None when it is beyond any size (too many digits to matter)."""
+    return int(digits) if len(digits) <= _MAX_DIGITS else None
 
 
 def etag_matches(header: str | None, etag: str) -> bool:

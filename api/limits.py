@@ -1,9 +1,11 @@
 """Per-process limits on long-lived requests, so one kind cannot starve the others.
 
 gunicorn's gthread worker serves each request on one of a fixed number of threads, and an
-upload or an event stream holds its thread for its whole duration. Uploads also hold up to
-two part buffers each. So each kind gets its own budget of slots; a request beyond it gets a
-503 with Retry-After at once instead of queueing behind the others.
+upload, an event stream or a download holds its thread for its whole duration (a download
+for as long as its client takes to read it). Uploads also hold up to two part buffers each.
+So each kind gets its own budget of slots; a request beyond it gets a 503 with Retry-After at
+once instead of queueing behind the others. A client that stops reading altogether is cut
+after PICSTREAM_SEND_TIMEOUT (api/gunicorn.py), which frees its slot.
 """
 
 from __future__ import annotations
@@ -46,19 +48,28 @@ class Slots:
 
 
 class CountedBody:
-    """A WSGI response iterable: `close()` (always called by the server, also when the
-    client has gone or iteration never began) closes the inner body and frees the slot."""
+    """A WSGI response iterable that holds one slot while its body is being sent: the slot is
+    freed when the inner body ends or fails, or at `close()` (always called by the server,
+    also when the client has gone or iteration never began), whichever comes first;
+    `close()` also closes the inner body."""
 
     def __init__(self, body: Iterator[bytes], slots: Slots) -> None:
         self.body = body
         self.slots = slots
         self._closed = False
+        self._held = True
 
     def __iter__(self) -> CountedBody:
         return self
 
     def __next__(self) -> bytes:
-        return next(self.body)
+        try:
+            return next(self.body)
+        except BaseException:
+            # Freed now rather than at close(): the client may have the last byte (or have
+            # hung up) and ask again before the server gets round to closing this response.
+            self._release()
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -69,4 +80,9 @@ class CountedBody:
             if closer is not None:
                 closer()
         finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
             self.slots.release()

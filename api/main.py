@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-
-import falcon
+from wsgiref.types import WSGIApplication
 
 from api.app import create_app
 from api.events import EventHub
+from api.gunicorn import Deadlines
 from api.limits import Slots
 from api.presign import Presigner
 from api.uploads import Services
@@ -37,21 +37,25 @@ def build_services(settings: Settings) -> Services:
         queue=make_queue(redis, settings.queue, settings.job_timeout),
         bulk_queue=make_queue(redis, settings.bulk_queue, settings.job_timeout),
         executor=executor,
+        # At most one read ahead per download slot (the copying relay's).
         download_pool=ThreadPoolExecutor(
-            max_workers=settings.web_threads, thread_name_prefix="download-read-ahead"
+            max_workers=settings.max_downloads, thread_name_prefix="download-read-ahead"
         ),
         upload_slots=Slots(uploads, "uploads"),
         stream_slots=Slots(settings.max_event_streams, "event streams", retry_after=15),
+        download_slots=Slots(settings.max_downloads, "downloads"),
         hub=EventHub(redis),
         presigner=Presigner(settings),
         leases=Leases(redis, settings.lease_seconds),
     )
 
 
-def app() -> falcon.App[falcon.Request, falcon.Response]:
+def app() -> WSGIApplication:
+    """The web process's WSGI application, as gunicorn loads it (`api.main:app()`)."""
     settings = Settings.from_env(os.environ)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
-    return create_app(build_services(settings))
+    # The send deadline and the close without waiting are gunicorn's side (api/gunicorn.py).
+    return Deadlines(create_app(build_services(settings)), settings.send_timeout)

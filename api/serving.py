@@ -19,10 +19,12 @@ from redis.client import Pipeline
 
 from api.downloads import Blob, serve
 from api.events import EventStream, parse_last_event_id
+from api.negotiation import best_variant
 from api.uploads import Services
 from api.views import Signer, record_json
 from core import events
-from core.errors import BadRequest, NotFound, StorageUnavailable
+from core.errors import BadRequest, NotFound, QueueUnavailable, StorageUnavailable
+from core.migrate import migration_keys
 from core.models import ImageRecord, Variant, validate_image_id
 from core.records import Purge
 from core.signing import sign
@@ -30,9 +32,6 @@ from core.sniff import MIME_TYPES
 from core.webhooks import check_url
 
 log = logging.getLogger(__name__)
-
-# Best format first; what `Accept` must name for each (jpeg/png are always acceptable).
-PREFERENCE = ("avif", "webp", "jpeg", "png", "gif")
 
 
 def _modified(record: ImageRecord) -> datetime:
@@ -96,7 +95,7 @@ class Original:
     def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
         blob = original_blob(_record(self.s, req, image_id))
         if not _maybe_redirect(self.s, req, resp, blob):
-            serve(req, resp, self.s.store, blob, self.s.download_pool)
+            serve(req, resp, self.s.store, blob, self.s.download_pool, slots=self.s.download_slots)
 
     on_head = on_get
 
@@ -111,41 +110,9 @@ class VariantFile:
         record = _record(self.s, req, image_id)
         blob = variant_blob(record, ready_variant(record, name))
         if not _maybe_redirect(self.s, req, resp, blob):
-            serve(req, resp, self.s.store, blob, self.s.download_pool)
+            serve(req, resp, self.s.store, blob, self.s.download_pool, slots=self.s.download_slots)
 
     on_head = on_get
-
-
-def accepted_formats(accept: str | None) -> set[str]:
-    """Which of our output formats the client takes, from its Accept header."""
-    if not accept:
-        return {"jpeg", "png", "gif"}
-    formats = {"jpeg", "png", "gif"}  # what every browser displays
-    for item in accept.split(","):
-        media, _, params = item.strip().partition(";")
-        if "q=0" in params.replace(" ", "") and "q=0." not in params.replace(" ", ""):
-            continue  # explicitly refused
-        media = media.strip().lower()
-        for fmt in ("avif", "webp"):
-            if media == f"image/{fmt}":
-                formats.add(fmt)
-    return formats
-
-
-def best_variant(record: ImageRecord, width: int, accept: str | None) -> Variant:
-    """The smallest ready variant at least `width` wide (else the widest), in the best
-    format the client accepts."""
-    acceptable = accepted_formats(accept)
-    ready = [v for v in record.variants if v.status == "ready" and v.format in acceptable]
-    if not ready:
-        raise NotFound(f"image {record.id!r} has no ready variant this client accepts")
-    wide_enough = [v for v in ready if (v.width or 0) >= width]
-    if wide_enough:
-        target = min(v.width or 0 for v in wide_enough)
-    else:
-        target = max(v.width or 0 for v in ready)
-    candidates = [v for v in ready if (v.width or 0) == target]
-    return min(candidates, key=lambda v: PREFERENCE.index(v.format or "png"))
 
 
 class Best:
@@ -159,7 +126,14 @@ class Best:
         width = req.get_param_as_int("width", min_value=1, max_value=100_000, default=1)
         variant = best_variant(record, width, req.get_header("Accept"))
         resp.set_header("Vary", "Accept")
-        serve(req, resp, self.s.store, variant_blob(record, variant), self.s.download_pool)
+        serve(
+            req,
+            resp,
+            self.s.store,
+            variant_blob(record, variant),
+            self.s.download_pool,
+            slots=self.s.download_slots,
+        )
 
     on_head = on_get
 
@@ -254,26 +228,40 @@ def delete_image(services: Services, owner: str, image_id: str) -> bool:
     A purge of the incarnation is scheduled in the same transaction for after the job
     timeout: a conversion that was mid-PUT when the record went away may still write one
     variant before it notices, and that purge removes it."""
-    straggle = services.settings.job_timeout + 60
+    until = time.time() + services.settings.job_timeout + 60
 
     def also(pipe: Pipeline, record: ImageRecord) -> None:
         events.append(pipe, record, DELETED)
-        purge = Purge(record.keys.prefix, time.time() + straggle, flat=record.keys.legacy)
-        services.records.schedule_purge(purge, purge.until, pipe)
+        for purge in _doomed(record, until):
+            services.records.schedule_purge(purge, purge.until, pipe)
 
-    record = services.records.delete(owner, image_id, also=also)
-    keys = record.keys
+    doomed = _doomed(services.records.delete(owner, image_id, also=also), until)
     try:
-        if keys.legacy:
-            services.store.delete_flat(keys.prefix)
-        else:
-            services.store.delete_prefix(keys.prefix)
+        for purge in doomed:
+            if purge.flat:
+                services.store.delete_flat(purge.prefix)
+            else:
+                services.store.delete_prefix(purge.prefix)
     except StorageUnavailable as exc:
-        log.warning("deleting %s failed (%s); queued for the janitor", keys.prefix, exc.detail)
-        purge = Purge(keys.prefix, time.time() + straggle, flat=keys.legacy)
-        services.records.schedule_purge(purge, time.time())
+        log.warning("deleting %s failed (%s); queued for the janitor", doomed[0].prefix, exc.detail)
+        try:
+            for purge in doomed:  # the same purges, due now (and again at their `until`)
+                services.records.schedule_purge(purge, time.time())
+        except QueueUnavailable as again:
+            # The purges committed with the deletion still run, only later: the image is
+            # gone all the same, so the answer stays 202.
+            log.warning("could not bring the purge of %s forward: %s", doomed[0].prefix, again)
         return False
     return True
+
+
+def _doomed(record: ImageRecord, until: float) -> list[Purge]:
+    """What deleting `record` removes: its incarnation; for a legacy record (flat keys) also
+    the copies an interrupted `migrate` made, which no record can name once it is gone."""
+    keys = record.keys
+    if not keys.legacy:
+        return [Purge(keys.prefix, until)]
+    return [Purge(keys.prefix, until, flat=True), Purge(migration_keys(record).prefix, until)]
 
 
 DELETED = {"type": "deleted", "status": "deleted"}

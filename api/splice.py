@@ -13,6 +13,11 @@ reused: its body was read behind urllib3's back.
 
 Whenever the response's socket cannot be had safely (TLS, chunked, urllib3 internals that
 moved: core/storage.py `OpenObject.raw_body`), `relay()` picks the copying relay instead.
+
+A client that stops reading: under gunicorn the client socket is blocking and the send
+deadline is the kernel's (TCP_USER_TIMEOUT, api/gunicorn.py): splice() then fails with EPIPE
+and the relay ends like any broken connection. A socket with a Python timeout (non-blocking
+underneath) is waited on for room at most that long without progress, as sendall() would.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
+from api.gunicorn import client_socket
 from core.errors import StorageUnavailable
 from core.storage import OpenObject, RawBody
 
@@ -40,10 +46,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 def available(env: Mapping[str, Any]) -> socket.socket | None:
     """The client's socket when this server lets a splice relay write to it."""
-    sock = env.get("gunicorn.socket")
-    if hasattr(os, "splice") and isinstance(sock, socket.socket):
-        return sock
-    return None
+    sock = client_socket(env)
+    return sock if hasattr(os, "splice") else None
 
 
 def relay(
@@ -121,8 +125,11 @@ class SpliceRelay:
         while count > 0:
             try:
                 count -= os.splice(pipe, self.client.fileno(), count)
-            except BlockingIOError:
-                select.select([], [self.client], [], S3_READ_TIMEOUT)
+            except BlockingIOError:  # only a socket with a timeout is non-blocking
+                wait = self.client.gettimeout()
+                _, ready, _ = select.select([], [self.client], [], wait)
+                if not ready:
+                    raise TimeoutError(f"the client accepted no bytes for {wait} s") from None
 
     def close(self) -> None:
         self.body.close()  # closes the S3 connection: its body was read behind urllib3

@@ -57,6 +57,7 @@ class Services:
     download_pool: Executor  # read-ahead of downloads
     upload_slots: Slots
     stream_slots: Slots
+    download_slots: Slots  # downloads whose body the process relays
     hub: EventHub
     presigner: Presigner
     leases: Leases
@@ -122,9 +123,15 @@ class Uploads:
     ) -> ImageRecord:
         owner, image_id = lease.owner, lease.image_id
         keys = ObjectKeys(owner, image_id, new_generation())
+        lease.guard(keys.prefix)  # purged unless committed, even if this process dies
         meta = {"picstream-owner": owner, "picstream-id": image_id, "picstream-gen": keys.gen}
         sink = ObjectSink(self.s.store, keys.original, self.s.executor, meta, tracker=lease)
-        ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
+        try:
+            ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
+        except BaseException:
+            if not sink.began:  # rejected before any S3 call: nothing to purge
+                lease.unguard()
+            raise
         record = replace(
             _new_record(owner, image_id, ingested, body.filename, profile),
             callback=callback,
@@ -141,7 +148,7 @@ class Uploads:
                 self.fence,
             )
         except BaseException:
-            self._discard(keys, sink)
+            self._discard(keys, sink, lease)
             raise
         log.info(
             "stored %s/%s (%s): %s %d bytes %sx%s",
@@ -165,12 +172,13 @@ class Uploads:
             raise Conflict(f"image {existing.id!r} already exists with different content")
         return existing
 
-    def _discard(self, keys: ObjectKeys, sink: ObjectSink) -> None:
+    def _discard(self, keys: ObjectKeys, sink: ObjectSink, lease: UploadLease) -> None:
         """Delete what an upload that did not commit wrote; if the store fails, leave it
         to the janitor (the incarnation's prefix is this upload's alone)."""
         sink.stored = False
         try:
             self.s.store.delete_prefix(keys.prefix)
+            lease.unguard()
             return
         except PicstreamError as exc:
             log.warning("could not delete %s after a failed upload: %s", keys.prefix, exc)

@@ -2,9 +2,13 @@
 
     .venv/bin/python -m bench.download [--mib 1024] [--rounds 3] [--watchers 500]
 
-Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback.
-1. The same original fetched (a) with the minio SDK's get_object straight from the store and
-   (b) through the API; MiB/s, the ratio (b)/(a) and the gunicorn worker's RSS.
+Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback, and the
+production front (nginx from deploy/nginx.conf in front of a second gunicorn, downloads handed
+off with X-Accel-Redirect).
+1. The same original fetched (a) with the minio SDK's get_object straight from the store,
+   (b) through the API (gunicorn relays it with splice) and (c) through nginx (the app answers
+   at once, nginx streams from the store); MiB/s, ratios to (a), CPU seconds per GiB of
+   gunicorn, nginx (master + workers) and the store, and the gunicorn worker's RSS.
 2. N Server-Sent Events watchers held open against that one process (over 100 images) while
    uploads run; events are appended to the images' Redis streams as the worker would, and
    the time until every watcher has each one is measured. Prints threads, RSS, latencies.
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from bench.stack import running
+from bench.stack import Stack, running
 from core.events import events_key
 from core.storage import Store
 from tests.http import Api
@@ -71,47 +75,68 @@ def api_get(api: Api, path: str) -> int:
     return total
 
 
-def downloads(api: Api, store: Store, pid: int, weed_pid: int, size: int, rounds: int) -> None:
+def downloads(stack: Stack, size: int, rounds: int) -> None:
     body = Body(size)
+    api, front = stack.api, stack.front_api
     created = api.upload(iter(body), headers={"Content-Length": str(size)})
     assert created.status == 201, created.body
     image_id = created.json["id"]
     key = keys_of(created.json).original
     path = f"/v1/images/{image_id}/original"
-    sdk, ours, peaks = [], [], []
-    cpu = {"gunicorn": 0.0, "weed": 0.0}
+    pid = stack.web_worker_pid
+    groups = {
+        "gunicorn": [pid, stack.front_worker_pid],
+        "nginx": stack.nginx_pids,
+        "weed": [stack.s3.proc.pid],
+    }
+    wall: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    cpu = {row: dict.fromkeys(groups, 0.0) for row in ("b", "c")}
+    peaks = []
     baseline = rss_kib(pid)
     for n in range(rounds):
         started = time.perf_counter()
-        assert sdk_get(store, key) == size
-        sdk.append(time.perf_counter() - started)
-        before = {"gunicorn": cpu_seconds(pid), "weed": cpu_seconds(weed_pid)}
-        with PeakRss(pid) as peak:
-            started = time.perf_counter()
-            assert api_get(api, path) == size
-            ours.append(time.perf_counter() - started)
-        cpu["gunicorn"] += cpu_seconds(pid) - before["gunicorn"]
-        cpu["weed"] += cpu_seconds(weed_pid) - before["weed"]
-        peaks.append(peak.peak)
+        assert sdk_get(stack.store, key) == size
+        wall["a"].append(time.perf_counter() - started)
+        for row, through in (("b", api), ("c", front)):
+            before = {name: cpu_of(group) for name, group in groups.items()}
+            with PeakRss(pid) as peak:
+                started = time.perf_counter()
+                assert api_get(through, path) == size
+                wall[row].append(time.perf_counter() - started)
+            for name, group in groups.items():
+                cpu[row][name] += cpu_of(group) - before[name]
+            if row == "b":
+                peaks.append(peak.peak)
         print(
-            f"round {n + 1}: (a) SDK {size / MiB / sdk[-1]:.0f} MiB/s"
-            f"  (b) API {size / MiB / ours[-1]:.0f} MiB/s",
+            f"round {n + 1}: "
+            + "  ".join(f"({k}) {size / MiB / v[-1]:.0f} MiB/s" for k, v in wall.items()),
             flush=True,
         )
-    a, b = size / MiB / statistics.median(sdk), size / MiB / statistics.median(ours)
-    print(f"\n{size // MiB} MiB original, {rounds} rounds (median)")
-    print(f"(a) minio SDK get_object from the store   {a:8.1f} MiB/s")
-    print(f"(b) through the API                       {b:8.1f} MiB/s")
-    print(f"ratio (b)/(a) = {b / a:.2f}   target >= 0.9")
+    mibs = {k: size / MiB / statistics.median(v) for k, v in wall.items()}
     gib = size * rounds / 1024**3
     print(
-        f"CPU seconds per GiB through the API: gunicorn {cpu['gunicorn'] / gib:.2f},"
-        f" weed {cpu['weed'] / gib:.2f}"
+        f"\n{size // MiB} MiB original, {rounds} rounds (median)   CPU s/GiB: gunicorn  nginx  weed"
+    )
+    names = {
+        "a": "minio SDK get_object from the store",
+        "b": "through the API (gunicorn relays)",
+        "c": "through nginx (handed off)",
+    }
+    for k, name in names.items():
+        cpus = "   ".join(f"{v / gib:5.2f}" for v in cpu[k].values()) if k in cpu else ""
+        print(f"({k}) {name:37} {mibs[k]:8.1f} MiB/s   {cpus}")
+    print(
+        f"ratio (b)/(a) = {mibs['b'] / mibs['a']:.2f}   (c)/(a) = {mibs['c'] / mibs['a']:.2f}"
+        "   target >= 0.9"
     )
     print(
         f"gunicorn worker RSS: {baseline / 1024:.0f} MiB before,"
         f" peak {max(peaks) / 1024:.0f} MiB during downloads\n"
     )
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 class Watchers:
@@ -222,9 +247,9 @@ def main() -> None:
         "PICSTREAM_MAX_EVENT_STREAMS": str(args.watchers + 10),
         "PICSTREAM_MAX_UPLOADS": "16",
     }
-    with running("bench", KEY, **overrides) as stack:
+    with running("bench", KEY, front=True, **overrides) as stack:
         pid = stack.web_worker_pid
-        downloads(stack.api, stack.store, pid, stack.s3.proc.pid, args.mib * MiB, args.rounds)
+        downloads(stack, args.mib * MiB, args.rounds)
         watchers_bench(stack.api, Redis.from_url(stack.redis.extra["url"]), pid, args.watchers)
 
 

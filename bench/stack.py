@@ -1,6 +1,8 @@
 """The whole system on loopback for one benchmark run: redis-server, SeaweedFS, gunicorn
-(one worker process, so its RSS and CPU can be read) and optionally `python -m worker`s.
-Everything is stopped by PID when the block ends."""
+(one worker process, so its RSS and CPU can be read), optionally the production front (nginx
+from deploy/nginx.conf in front of a second gunicorn on a unix socket, downloads handed off,
+as `make run` runs it) and optionally `python -m worker`s. Everything is stopped by PID when
+the block ends."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Stack:
     redis: servers.Server
     s3: servers.Server
     web: servers.Server
+    front: servers.Front | None = None
 
     @property
     def web_worker_pid(self) -> int:
@@ -33,9 +36,30 @@ class Stack:
         (pid,) = servers.worker_pids(self.web)
         return pid
 
+    @property
+    def front_api(self) -> Api:
+        """The API through nginx."""
+        assert self.front is not None, "start the stack with front=True"
+        return Api("127.0.0.1", self.front.port, self.api.key)
+
+    @property
+    def front_worker_pid(self) -> int:
+        """The gunicorn worker process behind nginx."""
+        assert self.front is not None, "start the stack with front=True"
+        (pid,) = servers.worker_pids(self.front.web)
+        return pid
+
+    @property
+    def nginx_pids(self) -> list[int]:
+        """nginx's master and worker processes."""
+        assert self.front is not None, "start the stack with front=True"
+        return [self.front.nginx.proc.pid, *servers.worker_pids(self.front.nginx)]
+
 
 @contextmanager
-def running(owner: str, key: str, *, workers: int = 0, **overrides: str) -> Iterator[Stack]:
+def running(
+    owner: str, key: str, *, workers: int = 0, front: bool = False, **overrides: str
+) -> Iterator[Stack]:
     """Start everything with `PICSTREAM_*`/`S3_*` overrides; yield it; stop it."""
     with tempfile.TemporaryDirectory(prefix="picstream-bench-") as tmp:
         work = Path(tmp)
@@ -59,11 +83,17 @@ def running(owner: str, key: str, *, workers: int = 0, **overrides: str) -> Iter
             store.ensure_bucket()
             web = servers.start_gunicorn(env, work / "web")
             started.append(web)
+            behind = None
+            if front:
+                behind = servers.start_front(
+                    {**env, "PORT": str(servers.free_port())}, work / "front"
+                )
+                started += [behind.web, behind.nginx]
             for n in range(workers):
                 started.append(servers.start_worker(env, work / "workers", f"worker-{n + 1}"))
             time.sleep(1)  # let gunicorn boot its worker process
             api = Api("127.0.0.1", web.port, key)
-            yield Stack(env, settings, store, api, redis, s3, web)
+            yield Stack(env, settings, store, api, redis, s3, web, behind)
         finally:
             for server in reversed(started):
                 server.stop()

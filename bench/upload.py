@@ -2,12 +2,14 @@
 
     .venv/bin/python -m bench.upload [--mib 1024] [--rounds 2]
 
-Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback, then per
+Starts its own redis-server, SeaweedFS and gunicorn (1 worker process) on loopback, and the
+production front (nginx from deploy/nginx.conf in front of a second gunicorn), then per
 round: (a) the SDK's put_object of the stream straight to the store; (b) the same bytes
 through the API with Content-Length; (c) chunked; (d) the API's ingest loop alone (hash +
-sniff into a null sink, no network). Prints MiB/s, the ratio (b)/(a) and the gunicorn
-worker's RSS before and at its peak during (b)/(c). The machine is shared and noisy: compare
-ratios within a run, not absolute numbers across runs.
+sniff into a null sink, no network); (e) through nginx with Content-Length. Prints MiB/s,
+CPU seconds per GiB of each process (gunicorn: both workers, nginx: master + workers), the
+ratios to (a) and the gunicorn workers' RSS before and at their peak during (b)/(c)/(e). The
+machine is shared and noisy: compare ratios within a run, not absolute numbers across runs.
 """
 
 from __future__ import annotations
@@ -71,9 +73,24 @@ def main() -> None:
         "PICSTREAM_MAX_EVENT_STREAMS": "2",
         "PICSTREAM_READ_TIMEOUT": "60",
     }
-    with running("bench", KEY, **overrides) as stack:
-        pids = {"bench": os.getpid(), "gunicorn": stack.web_worker_pid, "weed": stack.s3.proc.pid}
-        run_rounds(args.rounds, size, part, body, stack.store, stack.api, pids, stack.settings)
+    with running("bench", KEY, front=True, **overrides) as stack:
+        pids = {
+            "bench": [os.getpid()],
+            "gunicorn": [stack.web_worker_pid, stack.front_worker_pid],
+            "nginx": stack.nginx_pids,
+            "weed": [stack.s3.proc.pid],
+        }
+        apis = {"b": stack.api, "c": stack.api, "e": stack.front_api}
+        workers = {
+            "b": stack.web_worker_pid,
+            "c": stack.web_worker_pid,
+            "e": stack.front_worker_pid,
+        }
+        run_rounds(args.rounds, size, part, body, stack.store, apis, workers, pids, stack.settings)
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def run_rounds(
@@ -82,15 +99,16 @@ def run_rounds(
     part: int,
     body: Body,
     store: Store,
-    api: Api,
-    pids: dict[str, int],
+    apis: dict[str, Api],
+    workers: dict[str, int],
+    pids: dict[str, list[int]],
     settings: Settings,
 ) -> None:
-    labels = ("a", "b", "c", "d")
+    labels = ("a", "b", "c", "d", "e")
     wall: dict[str, list[float]] = {k: [] for k in labels}
     cpu: dict[str, dict[str, float]] = {k: dict.fromkeys(pids, 0.0) for k in labels}
-    peaks: list[int] = []
-    baseline = rss_kib(pids["gunicorn"])
+    peaks: dict[str, list[int]] = {k: [] for k in workers}
+    baseline = {k: rss_kib(pid) for k, pid in workers.items()}
     limits = Limits(
         part, size + MiB, settings.max_pixels, settings.max_head_bytes, settings.allowed_formats
     )
@@ -100,7 +118,7 @@ def run_rounds(
             store.bucket, "sdk/original", StreamReader(iter(body)), length=-1, part_size=part
         )
 
-    def through_api(chunked: bool) -> None:
+    def through(api: Api, chunked: bool) -> None:
         headers = {} if chunked else {"Content-Length": str(size)}
         resp = api.upload(iter(body), chunked=chunked, headers=headers)
         assert resp.status == 201, resp.body
@@ -111,19 +129,20 @@ def run_rounds(
 
     steps: dict[str, Callable[[], None]] = {
         "a": sdk,
-        "b": lambda: through_api(False),
-        "c": lambda: through_api(True),
+        "b": lambda: through(apis["b"], False),
+        "c": lambda: through(apis["c"], True),
         "d": ingest_only,
+        "e": lambda: through(apis["e"], False),
     }
     for n in range(rounds):
         for label, step in steps.items():
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            with PeakRss(pids["gunicorn"]) as peak:
+            before = {name: cpu_of(group) for name, group in pids.items()}
+            with PeakRss(workers.get(label, workers["b"])) as peak:
                 wall[label].append(timed(step))
-            for name, pid in pids.items():
-                cpu[label][name] += (cpu_seconds(pid) - before[name]) / rounds
-            if label in ("b", "c"):
-                peaks.append(peak.peak)
+            for name, group in pids.items():
+                cpu[label][name] += (cpu_of(group) - before[name]) / rounds
+            if label in workers:
+                peaks[label].append(peak.peak)
                 print(
                     f"  ({label}) gunicorn worker peak RSS {peak.peak / 1024:.0f} MiB", flush=True
                 )
@@ -141,8 +160,8 @@ def report(
     rounds: int,
     wall: dict[str, list[float]],
     cpu: dict[str, dict[str, float]],
-    peaks: list[int],
-    baseline: int,
+    peaks: dict[str, list[int]],
+    baseline: dict[str, int],
 ) -> None:
     mibs = {k: size / MiB / statistics.median(v) for k, v in wall.items()}
     names = {
@@ -150,6 +169,7 @@ def report(
         "b": "through the API, Content-Length",
         "c": "through the API, chunked",
         "d": "ingest alone (hash + sniff, null)",
+        "e": "through nginx, Content-Length",
     }
     gib = size / 1024**3
     print(f"\n{size // MiB} MiB body, {part // MiB} MiB parts, {rounds} rounds (median)")
@@ -162,14 +182,16 @@ def report(
         print(f"({k}) {name:35} {mibs[k]:8.1f}              {cpus}")
     print(
         f"ratio (b)/(a) = {mibs['b'] / mibs['a']:.2f}   (c)/(a) = {mibs['c'] / mibs['a']:.2f}"
-        "   target (b)/(a) >= 1.0"
+        f"   (e)/(a) = {mibs['e'] / mibs['a']:.2f}   target (b)/(a) >= 1.0"
     )
-    growth = max(peaks) - baseline
-    print(
-        f"gunicorn worker RSS: {baseline / 1024:.0f} MiB before, peak {max(peaks) / 1024:.0f} MiB"
-        f" -> growth {growth / 1024:.0f} MiB = {growth * 1024 / part:.1f} x part size"
-        "   target <= 3.0"
-    )
+    for label, where, rows in (("b", "direct", "bc"), ("e", "behind nginx", "e")):
+        top = max(peak for row in rows for peak in peaks[row])
+        growth = top - baseline[label]
+        print(
+            f"gunicorn worker RSS ({where}): {baseline[label] / 1024:.0f} MiB before,"
+            f" peak {top / 1024:.0f} MiB -> growth {growth / 1024:.0f} MiB"
+            f" = {growth * 1024 / part:.1f} x part size   target <= 3.0"
+        )
 
 
 if __name__ == "__main__":

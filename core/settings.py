@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from core.errors import BadRequest
 from core.profiles import ProfileError, Profiles, default_profiles, load_profiles
+from core.webhooks import host_allowed
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -39,6 +41,11 @@ class Settings:
     s3_secret_key: str
     port: int = 8000
     host: str = "127.0.0.1"
+    # Where gunicorn listens (`host:port` or `unix:/path`) when nginx is in front of it and
+    # PORT is nginx's; empty: PICSTREAM_HOST:PORT.
+    bind: str = ""
+    # Behind deploy/nginx.conf: downloads are handed to nginx (X-Accel-Redirect).
+    accel_redirect: bool = False
     redis_url: str = "redis://127.0.0.1:6379/0"
     s3_bucket: str = "picstream"
     s3_region: str = "us-east-1"
@@ -65,12 +72,21 @@ class Settings:
     # Data-segment limit of one conversion process (RLIMIT_DATA); 0 = none.
     job_memory: int = 1 * GiB
     web_workers: int = 2
-    # Each request holds a thread; uploads and event streams hold theirs for long, so each
-    # gets its own budget of slots within the threads (api/limits.py).
-    web_threads: int = 64
+    # Each request holds a thread; uploads, event streams and downloads hold theirs for long
+    # (a download as long as its client takes to read it), so each kind gets its own budget of
+    # slots within the threads (api/limits.py), and what the budgets leave serves everything
+    # else (health checks, records, HEAD/304, refusals). 96 threads, not the former 64: with
+    # 64, uploads and event streams left 8 threads, too few to share with downloads. Unset,
+    # the download budget is half of what the other two leave (here 20), so as many threads
+    # stay free as downloads may take; an idle thread costs ~36 KiB.
+    web_threads: int = 96
     max_uploads: int = 16
     max_event_streams: int = 40
+    max_downloads: int = 20
     sse_heartbeat: float = 15.0
+    # A client that acknowledges none of our bytes for this long is cut, and its thread and
+    # slot freed (api/gunicorn.py).
+    send_timeout: float = 30.0
     # Signed links (HMAC); None disables them.
     signing_key: bytes | None = field(default=None, repr=False)
     # What clients can reach the store at, for ?redirect=1 presigned URLs.
@@ -104,12 +120,20 @@ class Settings:
         """Build settings from environment variables; raise ConfigError naming a bad one."""
         r = _Reader(env)
         part_size = r.size("PICSTREAM_PART_SIZE", 16 * MiB, S3_MIN_PART, S3_MAX_PART)
+        threads = r.integer("PICSTREAM_WEB_THREADS", 96, 1, 4096)
+        uploads = r.integer("PICSTREAM_MAX_UPLOADS", 16, 1, 4096)
+        streams = r.integer("PICSTREAM_MAX_EVENT_STREAMS", 40, 0, 4096)
+        # Derived when unset, so a deployment that sized threads for the other two budgets
+        # (deploy/env.example, the tests) still starts: half of the threads they leave.
+        half_left = max(1, (threads - uploads - streams) // 2)
         settings = cls(
             s3_endpoint=r.url("S3_ENDPOINT", None, ("http", "https")),
             s3_access_key=r.text("S3_ACCESS_KEY", None),
             s3_secret_key=r.text("S3_SECRET_KEY", None),
             port=r.integer("PORT", 8000, 1, 65535),
             host=r.text("PICSTREAM_HOST", "127.0.0.1"),
+            bind=r.text("PICSTREAM_BIND", ""),
+            accel_redirect=r.choice("PICSTREAM_ACCEL_REDIRECT", "0", ("0", "1")) == "1",
             redis_url=r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
             s3_bucket=r.bucket("S3_BUCKET", "picstream"),
             s3_region=r.text("S3_REGION", "us-east-1"),
@@ -131,10 +155,12 @@ class Settings:
             retry_intervals=r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
             job_memory=r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
             web_workers=r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
-            web_threads=r.integer("PICSTREAM_WEB_THREADS", 64, 1, 4096),
-            max_uploads=r.integer("PICSTREAM_MAX_UPLOADS", 16, 1, 4096),
-            max_event_streams=r.integer("PICSTREAM_MAX_EVENT_STREAMS", 40, 0, 4096),
+            web_threads=threads,
+            max_uploads=uploads,
+            max_event_streams=streams,
+            max_downloads=r.integer("PICSTREAM_MAX_DOWNLOADS", half_left, 1, 4096),
             sse_heartbeat=r.seconds("PICSTREAM_SSE_HEARTBEAT", 15.0),
+            send_timeout=r.seconds("PICSTREAM_SEND_TIMEOUT", 30.0),
             signing_key=r.secret("PICSTREAM_SIGNING_KEY"),
             s3_public_endpoint=r.url(
                 "S3_PUBLIC_ENDPOINT", env.get("S3_ENDPOINT") or None, ("http", "https")
@@ -153,17 +179,23 @@ class Settings:
             lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
             redis_timeout=r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
         )
-        if settings.max_uploads + settings.max_event_streams >= settings.web_threads:
+        budgets = settings.max_uploads + settings.max_event_streams + settings.max_downloads
+        if budgets >= settings.web_threads:
             raise ConfigError(
-                "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS must leave threads free"
-                f" for other requests: raise PICSTREAM_WEB_THREADS above {settings.web_threads}"
+                "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS + PICSTREAM_MAX_DOWNLOADS"
+                f" ({budgets}) must leave threads free for other requests: raise"
+                f" PICSTREAM_WEB_THREADS ({settings.web_threads}) above {budgets}"
             )
         if (settings.webhooks or settings.webhook_hosts) and settings.webhook_secret is None:
             raise ConfigError("webhooks need PICSTREAM_WEBHOOK_SECRET to sign deliveries")
         for owner, url in settings.webhooks:
-            host = (urlsplit(url).hostname or "").lower()
-            netloc = f"{host}:{urlsplit(url).port}" if urlsplit(url).port else host
-            if host not in settings.webhook_hosts and netloc not in settings.webhook_hosts:
+            try:
+                listed = host_allowed(url, settings.webhook_hosts)
+            except BadRequest as exc:
+                raise ConfigError(
+                    f"PICSTREAM_WEBHOOKS: the URL for {owner!r}: {exc.detail}"
+                ) from None
+            if not listed:
                 raise ConfigError(
                     f"PICSTREAM_WEBHOOKS: the URL for {owner!r} is not on PICSTREAM_WEBHOOK_HOSTS"
                 )

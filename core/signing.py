@@ -30,9 +30,13 @@ def verify(
     key: bytes, path: str, owner: str, expires: str, sig: str, now: float | None = None
 ) -> bool:
     """True when the signature is ours and the link has not expired."""
-    try:
-        when = int(expires)
-    except ValueError:
+    # SECURITY: every part comes from an unauthenticated query string. Compare bytes, in
+    # constant time (compare_digest raises TypeError on non-ASCII text); `expires` must be
+    # plain ASCII digits (int() also takes "١٢", "+5", " 5", "1_0").
+    if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
         return False
-    good = hmac.compare_digest(_mac(key, path, owner, when), sig.lower())
+    when = int(expires)
+    good = hmac.compare_digest(
+        _mac(key, path, owner, when).encode(), sig.lower().encode("utf-8", "surrogateescape")
+    )
     return good and when >= (now or time.time())

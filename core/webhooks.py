@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from urllib.parse import urlsplit
+from ipaddress import IPv6Address
+from urllib.parse import SplitResult, urlsplit
 
 from redis.client import Pipeline
 from rq import Queue, Retry
@@ -29,16 +30,56 @@ DELIVER = "worker.webhooks.deliver"
 
 def check_url(url: str, allowed_hosts: frozenset[str]) -> str:
     """The URL if it may be called; BadRequest naming why not."""
-    parts = urlsplit(url)
+    parts = _split(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise BadRequest("callback must be an absolute http(s) URL")
     if parts.username or parts.password:
         raise BadRequest("callback URLs must not carry credentials")
-    host = parts.hostname.lower()
-    with_port = f"{host}:{parts.port}" if parts.port else host
-    if host not in allowed_hosts and with_port not in allowed_hosts:
-        raise BadRequest(f"callback host {with_port!r} is not on PICSTREAM_WEBHOOK_HOSTS")
+    if not host_allowed(url, allowed_hosts):
+        host, port = _host_port(parts)
+        shown = f"{host}:{port}" if port is not None else host
+        raise BadRequest(f"callback host {shown!r} is not on PICSTREAM_WEBHOOK_HOSTS")
     return url
+
+
+def host_allowed(url: str, allowed_hosts: frozenset[str]) -> bool:
+    """Whether the URL's host is on the allow-list, as `host` (any port) or `host:port`.
+
+    The one comparison used at upload, at delivery and when the settings are read. Hosts are
+    compared lower-case; an IPv6 address is written in brackets, as in URLs (`[::1]:8080`),
+    and compared in its canonical form, so `[0:0::1]` on the list matches `http://[::1]/`.
+    BadRequest when the URL's host or port cannot be read (a port above 65535, `host:abc`).
+    """
+    host, port = _host_port(_split(url))
+    listed = {_entry(entry) for entry in allowed_hosts}
+    return (host, None) in listed or (port is not None and (host, port) in listed)
+
+
+def _split(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # parsed lazily: raises ValueError for `:99999`, `:abc`, `:1:80`
+    except ValueError:
+        raise BadRequest("the URL has an invalid host or port (ports are 1-65535)") from None
+    return parts
+
+
+def _host_port(parts: SplitResult) -> tuple[str, int | None]:
+    hostname, port = parts.hostname or "", parts.port
+    if port == 0:
+        raise BadRequest("the URL has an invalid host or port (ports are 1-65535)")
+    try:
+        return f"[{IPv6Address(hostname).compressed}]", port
+    except ValueError:
+        return hostname.lower(), port
+
+
+def _entry(entry: str) -> tuple[str, int | None] | None:
+    """An allow-list entry (`host`, `host:port`, `[v6]`, `[v6]:port`) as (host, port)."""
+    try:
+        return _host_port(_split(f"//{entry}"))
+    except BadRequest:
+        return None  # cannot match anything (the settings refuse such entries anyway)
 
 
 def payload(record: ImageRecord) -> str:

@@ -2,8 +2,10 @@
 
 Starts what is not configured from outside — Redis unless REDIS_URL is set, an S3 server
 unless S3_ENDPOINT is set (MinIO when a `minio` binary is on PATH, else SeaweedFS `weed mini`)
-— on loopback with data under var/, creates the bucket, then runs the Procfile (web + worker)
-with honcho. Ctrl-C stops honcho first, then the servers, each by its PID.
+— on loopback with data under var/, creates the bucket, starts nginx from deploy/nginx.conf on
+PICSTREAM_HOST:PORT (the production front, same template) with gunicorn behind it on a unix
+socket under var/, then runs the Procfile (web + worker) with honcho. Ctrl-C stops honcho
+first, then the servers, each by its PID.
 
 Stopping: honcho sends SIGTERM to every process group of the Procfile, then SIGKILLs what
 still runs 5 s after the first process exited (honcho has no setting for that). Meanwhile
@@ -23,14 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
@@ -167,6 +173,105 @@ def start_s3(bucket: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf"
+# client_max_body_size above PICSTREAM_MAX_UPLOAD_BYTES: the multipart envelope around the
+# file (the app enforces the exact limit on the file itself).
+MULTIPART_SLACK = 2 * 1024 * 1024
+BODY_TIMEOUT_MARGIN_MS = 5000
+
+
+class NginxTemplate(string.Template):
+    """Only upper-case braced names (`${LISTEN}`) are placeholders; nginx's own variables
+    (`$host`, `${request_time}`) pass through."""
+
+    flags = 0
+    idpattern = r"(?!)"
+    braceidpattern = r"[A-Z][A-Z0-9_]*"
+
+
+def render_nginx_conf(values: Mapping[str, str], template: Path = NGINX_TEMPLATE) -> str:
+    """deploy/nginx.conf with every placeholder filled; a missing or unknown one is an error."""
+    text = NginxTemplate(template.read_text())
+    wanted = set(text.get_identifiers())
+    if wanted != set(values):
+        raise ValueError(f"{template} wants {sorted(wanted)}, was given {sorted(values)}")
+    return text.safe_substitute(values)
+
+
+def nginx_values(settings: Settings, listen: str, app: str, prefix: Path) -> dict[str, str]:
+    """The placeholders for this stack: nginx on `listen`, gunicorn on `app` (its bind: the
+    same `host:port` / `unix:/path` syntax in both), its files under `prefix`."""
+    store = urlsplit(settings.s3_endpoint)
+    host = store.hostname or "127.0.0.1"
+    port = store.port or (443 if store.scheme == "https" else 80)
+    return {
+        "LISTEN": listen,
+        "APP": app,
+        "PREFIX": str(prefix),
+        "MAX_BODY": str(settings.max_upload_bytes + MULTIPART_SLACK),
+        # Longer than the app's own read timeout, which answers a stalled upload with a 408
+        # problem; nginx's would only close the connection (it sends no 408 for a body).
+        "BODY_TIMEOUT": f"{round(settings.read_timeout * 1000) + BODY_TIMEOUT_MARGIN_MS}ms",
+        "STORE_SCHEME": store.scheme,
+        "STORE_SERVER": host_port(host, port),
+        "STORE_HOST": store.netloc,  # what the presigned URLs are signed for
+        "STORE_TLS": _store_tls(store.scheme, host),
+    }
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as nginx reads it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# The system's CA bundle (Debian/Ubuntu: package ca-certificates); a store with a private CA
+# needs its certificate here instead.
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _store_tls(scheme: str, host: str) -> str:
+    if scheme != "https":
+        return "# (an http store)"
+    return (
+        f"proxy_ssl_server_name on; proxy_ssl_name {host}; proxy_ssl_verify on;"
+        f" proxy_ssl_trusted_certificate {CA_BUNDLE};"
+    )
+
+
+def nginx_argv(values: Mapping[str, str]) -> list[str]:
+    """Write PREFIX/nginx.conf (and the temp directory); the command that runs it in the
+    foreground with nothing from /etc/nginx."""
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if not binary:
+        raise SystemExit("nginx is not installed: apt-get install nginx")
+    prefix = Path(values["PREFIX"])
+    (prefix / "temp").mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_nginx_conf(values))
+    # Start-up errors (a bad value in the template) on stderr: var/nginx.log under make run.
+    argv = [binary, "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"]
+    if os.geteuid() == 0:
+        # Run as root, nginx would switch its workers to `nobody`, who cannot reach the
+        # socket and temp files under var/: keep them as the user who started it.
+        argv += ["-g", f"user {pwd.getpwuid(os.geteuid()).pw_name};"]
+    return argv
+
+
+def start_nginx(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """nginx on PICSTREAM_HOST:PORT in front of gunicorn on a unix socket under var/; sets
+    PICSTREAM_BIND and PICSTREAM_ACCEL_REDIRECT for the web process."""
+    (VAR / "run").mkdir(exist_ok=True)
+    env.setdefault("PICSTREAM_BIND", f"unix:{VAR / 'run' / 'web.sock'}")
+    env.setdefault("PICSTREAM_ACCEL_REDIRECT", "1")
+    settings = Settings.from_env(env)
+    if not _port_free(settings.port):
+        raise SystemExit(f"port {settings.port} is in use: set PORT to a free one")
+    listen = host_port(settings.host, settings.port)
+    proc = start("nginx", nginx_argv(nginx_values(settings, listen, settings.bind, VAR / "nginx")))
+    wait_for_port(settings.port, proc, "nginx")
+    return proc
+
+
 def seaweed_ports() -> tuple[int, int, int, int, int]:
     """Five distinct ports whose +10000 gRPC twins are free too."""
     chosen: list[int] = []
@@ -269,9 +374,11 @@ def main() -> int:
         ensure_bucket(env)
         if own_s3:
             abort_incomplete_uploads(env)  # left by a run that was killed outright
+        servers.append(start_nginx(env))
         write_env_file(env)
         say(
-            f"devstack: API on http://127.0.0.1:{env['PORT']}  (Ctrl-C stops everything)\n"
+            f"devstack: API on http://127.0.0.1:{env['PORT']} through nginx, gunicorn on"
+            f" {env['PICSTREAM_BIND']}  (Ctrl-C stops everything)\n"
             f"devstack: settings in {ENV_FILE.relative_to(ROOT)}, e.g. for"
             f" .venv/bin/picstream-admin --env-file {ENV_FILE.relative_to(ROOT)} janitor",
             flush=True,
@@ -322,5 +429,21 @@ def run_procfile(env: dict[str, str]) -> int:
     return 0 if stopping else code
 
 
+def print_nginx_conf(prefix: str) -> int:
+    """`devstack.py --nginx-conf PREFIX`: deploy/nginx.conf filled for the settings in the
+    environment (production): nginx on PICSTREAM_HOST:PORT, gunicorn at PICSTREAM_BIND."""
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    if not settings.bind:
+        raise SystemExit("set PICSTREAM_BIND: where gunicorn listens behind nginx")
+    listen = host_port(settings.host, settings.port)
+    print(render_nginx_conf(nginx_values(settings, listen, settings.bind, Path(prefix))), end="")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--nginx-conf"] and len(sys.argv) == 3:
+        sys.exit(print_nginx_conf(sys.argv[2]))
     sys.exit(main())

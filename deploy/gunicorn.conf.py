@@ -6,10 +6,14 @@
 - Request bodies get a read timeout in the handler (api/body.py), not here: gunicorn has none.
 - The app is loaded in each worker after fork (no preload), so the minio client and its
   connection pool (sized to the thread count) are built per process.
+- It belongs behind nginx (deploy/nginx.conf): gthread reads request headers and writes
+  responses on its request threads, so slow clients facing it directly pin every thread.
+  PICSTREAM_BIND is where it listens then (a unix socket or a loopback port only nginx uses).
 """
 
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -17,7 +21,7 @@ from core.settings import Settings
 
 _settings = Settings.from_env(os.environ)
 
-bind = [f"{_settings.host}:{_settings.port}"]
+bind = [_settings.bind or f"{_settings.host}:{_settings.port}"]
 worker_class = "gthread"
 workers = _settings.web_workers
 threads = _settings.web_threads
@@ -34,8 +38,32 @@ control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = _settings.log_level
-# The query string may carry signatures in later versions: log the path only.
-access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+# The query string may carry signatures: log the path only. Behind nginx the client's address
+# is in X-Forwarded-For (set by nginx, never appended to).
+access_log_format = '%(h)s %({x-forwarded-for}i)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+# The forwarding headers are believed only from the proxy: a loopback peer or the unix socket
+# (gunicorn always trusts a unix socket's peer). Only X-Forwarded-Proto sets the scheme; with
+# gunicorn's default list a client-sent X-Forwarded-Ssl contradicting it was a 400.
+forwarded_allow_ips = "127.0.0.1,::1"
+secure_scheme_headers = {"X-FORWARDED-PROTO": "https"}
+# Above what nginx lets through (8 KiB lines, 4 x 8 KiB of header), so every oversize
+# request is refused by nginx as problem+json, never by gunicorn with a text/html page.
+limit_request_line = 8190
+limit_request_field_size = 8190
+limit_request_fields = 8192
+
+# Requests reach the app with X-Picstream-Accel-Redirect: 1 exactly when
+# PICSTREAM_ACCEL_REDIRECT=1 (api/downloads.py then hands downloads to nginx); a copy sent by
+# a client is dropped, so no client can choose how its download is served.
+ACCEL_HEADER = "X-PICSTREAM-ACCEL-REDIRECT"
+
+
+def pre_request(worker: object, req: Any) -> None:
+    req.headers = [(name, value) for name, value in req.headers if name != ACCEL_HEADER]
+    if _settings.accel_redirect:
+        req.headers.append((ACCEL_HEADER, "1"))
+
 
 # glibc raises its mmap threshold after the first large free, so later part buffers (16 MiB)
 # come from per-thread heaps that are never given back: measured, the worker's RSS crept up by

@@ -1,4 +1,5 @@
-"""Real servers on loopback for tests and benchmarks: redis-server, SeaweedFS, gunicorn.
+"""Real servers on loopback for tests and benchmarks: redis-server, SeaweedFS, gunicorn, and
+nginx in front of gunicorn as `make run` runs it.
 
 Each is started on free ports, waited for, and stopped by its PID.
 """
@@ -16,6 +17,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.settings import Settings
+from deploy.devstack import nginx_argv, nginx_values
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -55,6 +59,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
+
+
+def wait_unix(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX) as s:
+            if s.connect_ex(str(path)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {path} within {timeout} s")
 
 
 @dataclass
@@ -168,8 +184,65 @@ def start_gunicorn(env: Mapping[str, str], workdir: Path) -> Server:
     proc = _popen(
         [str(BIN / "gunicorn"), "-c", "deploy/gunicorn.conf.py", "api.main:app()"], log, full_env
     )
-    wait_port(port, proc, "gunicorn")
+    bind = env.get("PICSTREAM_BIND", "")
+    if bind.startswith("unix:"):  # behind nginx (start_front)
+        wait_unix(Path(bind.removeprefix("unix:")), proc, "gunicorn")
+        return Server(proc, 0, log, {"bind": bind})
+    wait_port(int(bind.rsplit(":", 1)[1]) if bind else port, proc, "gunicorn")
     return Server(proc, port, log)
+
+
+def start_nginx(env: Mapping[str, str], prefix: Path) -> Server:
+    """nginx from deploy/nginx.conf, filled exactly as `make run` fills it, on 127.0.0.1:PORT
+    in front of the gunicorn at PICSTREAM_BIND; its conf, logs and temp dirs under `prefix`."""
+    settings = Settings.from_env(env)
+    prefix.mkdir(parents=True, exist_ok=True)
+    values = nginx_values(settings, f"127.0.0.1:{settings.port}", settings.bind, prefix)
+    log = prefix / "nginx.log"
+    proc = _popen(nginx_argv(values), log)
+    try:
+        wait_port(settings.port, proc, "nginx")
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}: {log.read_text(errors='replace')}") from None
+    return Server(proc, settings.port, prefix / "error.log", {"prefix": str(prefix)})
+
+
+@dataclass
+class Front:
+    """nginx on `port` in front of its own gunicorn on a unix socket, as `make run` runs them."""
+
+    nginx: Server
+    web: Server
+    prefix: Path
+
+    @property
+    def port(self) -> int:
+        return self.nginx.port
+
+    def temp_files(self) -> list[Path]:
+        """Whatever nginx spooled to disk (request bodies, responses): should be nothing."""
+        return [p for p in (self.prefix / "temp").rglob("*") if p.is_file()]
+
+    def stop(self) -> None:
+        self.nginx.stop()
+        self.web.stop()
+
+
+def start_front(env: Mapping[str, str], workdir: Path) -> Front:
+    """gunicorn on a unix socket with downloads handed off, and nginx on PORT in front of it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PICSTREAM_BIND": f"unix:{workdir / 'web.sock'}",
+        "PICSTREAM_ACCEL_REDIRECT": "1",
+        **env,
+    }
+    web = start_gunicorn(env, workdir)
+    try:
+        nginx = start_nginx(env, workdir / "nginx")
+    except BaseException:
+        web.stop()
+        raise
+    return Front(nginx, web, workdir / "nginx")
 
 
 def start_worker(env: Mapping[str, str], workdir: Path, name: str = "worker") -> Server:

@@ -64,7 +64,8 @@ def make_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict[str, st
         "PICSTREAM_MAX_UPLOAD_BYTES": "300MiB",
         "PICSTREAM_READ_TIMEOUT": "2",
         "PICSTREAM_WEB_WORKERS": "1",
-        "PICSTREAM_WEB_THREADS": "12",
+        "PICSTREAM_WEB_THREADS": "16",
+        "PICSTREAM_MAX_DOWNLOADS": "4",
         "PICSTREAM_MAX_UPLOADS": "6",
         "PICSTREAM_MAX_EVENT_STREAMS": "4",
         "PICSTREAM_SSE_HEARTBEAT": "1",
@@ -210,3 +211,21 @@ def client_with(
 
 def pytest_report_header() -> str:
     return f"picstream integration: real redis-server and weed mini (pid {os.getpid()})"
+
+
+@pytest.fixture(scope="session")
+def nginx(env: dict[str, str], workdir: Path, store: Store) -> Iterator[servers.Front]:
+    """nginx from deploy/nginx.conf, filled as `make run` fills it, in front of its own
+    gunicorn on a unix socket with downloads handed off (PICSTREAM_ACCEL_REDIRECT=1). Parts
+    and the upload limit are large enough for a 512 MiB body."""
+    front = servers.start_front(
+        {
+            **env,
+            "PORT": str(servers.free_port()),
+            "PICSTREAM_PART_SIZE": "16MiB",
+            "PICSTREAM_MAX_UPLOAD_BYTES": "600MiB",
+        },
+        workdir / "front",
+    )
+    yield front
+    front.stop()

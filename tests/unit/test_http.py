@@ -1,9 +1,14 @@
-"""Range, conditional requests, Content-Disposition, signed links: the pure rules."""
+"""Range, conditional requests, Content-Disposition, signed links, Accept, Repr-Digest: the
+pure rules."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import pytest
 
+from api.digest import parse_repr_digest
 from api.http import (
     ByteRange,
     Unsatisfiable,
@@ -12,7 +17,12 @@ from api.http import (
     if_range_allows,
     parse_range,
 )
+from api.negotiation import accepted_formats, best_variant
+from core.errors import BadRequest
+from core.models import ImageRecord, Variant
 from core.signing import sign, verify
+
+HUGE = "9" * 4400  # more digits than int() converts (sys.get_int_max_str_digits: 4300)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +41,14 @@ from core.signing import sign, verify
         ("bytes=9-0", 100, None),  # invalid: ignored
         ("bytes=abc", 100, None),
         ("bytes=-", 100, None),
+        ("BYTES=1-2", 100, ByteRange(1, 2)),  # range units are case-insensitive
+        ("Bytes=-10", 100, ByteRange(90, 99)),
+        ("bytes=" + HUGE, 100, None),  # no dash: not a range at all
+        ("bytes=0-" + HUGE, 100, ByteRange(0, 99)),  # a last-pos past any end is the end
+        ("bytes=-" + HUGE, 100, ByteRange(0, 99)),  # a suffix longer than any body: all
+        ("bytes=" + "0" * 4400 + "5-" + "0" * 4400 + "6", 100, ByteRange(5, 6)),
+        (f"bytes={HUGE}9-{HUGE}", 100, None),  # last-pos before first-pos: ignored
+        ("bytes=\u0663-5", 100, None),  # a digit to re's \d and int(), not to HTTP
     ],
 )
 def test_parse_range(header: str | None, size: int, expected: ByteRange | None) -> None:
@@ -38,7 +56,16 @@ def test_parse_range(header: str | None, size: int, expected: ByteRange | None) 
 
 
 @pytest.mark.parametrize(
-    ("header", "size"), [("bytes=100-", 100), ("bytes=-0", 100), ("bytes=0-", 0), ("bytes=-5", 0)]
+    ("header", "size"),
+    [
+        ("bytes=100-", 100),
+        ("bytes=-0", 100),
+        ("bytes=0-", 0),
+        ("bytes=-5", 0),
+        (f"bytes={HUGE}-", 100),  # a valid first-pos past the end
+        (f"bytes={HUGE}-{HUGE}9", 100),
+        ("bytes=18446744073709551616-", 100),
+    ],
 )
 def test_unsatisfiable(header: str, size: int) -> None:
     with pytest.raises(Unsatisfiable):
@@ -103,3 +130,118 @@ def test_signed_links() -> None:
     assert not verify(key, ok[0], ok[1], "99999", ok[3], now=1000)  # extended expiry
     assert not verify(key, *ok[:3], ok[3][:-1] + "0", now=1000)  # tampered signature
     assert not verify(key, ok[0], ok[1], "soon", ok[3], now=1000)
+
+
+@pytest.mark.parametrize(
+    ("accept", "formats"),
+    [
+        (None, {"jpeg", "png", "gif"}),
+        ("", {"jpeg", "png", "gif"}),
+        ("image/avif,image/webp,*/*", {"avif", "webp", "jpeg", "png", "gif"}),
+        ("*/*", {"jpeg", "png", "gif"}),  # wildcards never grant AVIF/WebP
+        ("image/*", {"jpeg", "png", "gif"}),
+        ("image/avif;q=0.0,image/webp", {"webp", "jpeg", "png", "gif"}),
+        ("image/avif;q=0.00", {"jpeg", "png", "gif"}),
+        ("image/avif;q=0.000", {"jpeg", "png", "gif"}),
+        ("image/avif;q=0", {"jpeg", "png", "gif"}),
+        ("image/avif;Q=0", {"jpeg", "png", "gif"}),
+        ("image/avif ; q = 0 ", {"jpeg", "png", "gif"}),
+        ("IMAGE/AVIF;q=0.001", {"avif", "jpeg", "png", "gif"}),
+        ("image/avif;q=0.5", {"avif", "jpeg", "png", "gif"}),
+        ("image/avif;q=1.000", {"avif", "jpeg", "png", "gif"}),
+        ("image/avif;q=2", {"jpeg", "png", "gif"}),  # not a qvalue: the member is ignored
+        ("image/avif;q=0.0001", {"jpeg", "png", "gif"}),
+        ("image/avif;q=abc", {"jpeg", "png", "gif"}),
+        ("image/avif, image/avif;q=0", {"jpeg", "png", "gif"}),  # a refusal stands
+        ('image/avif;x="a,image/webp;q=1";q=1', {"avif", "jpeg", "png", "gif"}),
+        ("image/*;q=0", set()),
+        ("image/*;q=0,image/png", {"png"}),
+        ("image/*;q=0,image/webp", {"webp"}),
+        ("*/*;q=0", set()),
+        ("image/*;q=0.5,*/*;q=0", {"jpeg", "png", "gif"}),  # the more specific range wins
+        ("image/jpeg;q=0", {"png", "gif"}),
+        ("text/html", {"jpeg", "png", "gif"}),  # baseline formats unless refused
+        ("garbage;;,,;q=", {"jpeg", "png", "gif"}),
+    ],
+)
+def test_accepted_formats(accept: str | None, formats: set[str]) -> None:
+    assert set(accepted_formats(accept)) == formats
+
+
+def _record(*variants: tuple[str, str, int]) -> ImageRecord:
+    return ImageRecord(
+        id="a",
+        owner="alice",
+        size=1,
+        blake3="0" * 64,
+        format="jpeg",
+        content_type="image/jpeg",
+        width=2048,
+        height=1536,
+        orientation=1,
+        filename=None,
+        created_at="2026-11-21T12:00:00.000Z",
+        variants=tuple(
+            Variant(name, "ready", fmt, width, 1, 1, "0" * 64) for name, fmt, width in variants
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("accept", "width", "chosen"),
+    [
+        ("image/avif,image/webp,*/*", 200, "w256.avif"),
+        ("image/avif;q=0.5,image/webp;q=0.9", 200, "w256.webp"),  # the client's weights
+        ("image/avif,image/webp", 200, "w256.avif"),  # equal weights: the smaller format
+        ("image/webp;q=0.1", 200, "w256.webp"),  # named beats the unnamed default
+        ("image/avif;q=0,image/webp;q=0", 300, "w1024.jpeg"),
+        ("image/avif", 5000, "w1024.avif"),  # wider than anything: the widest
+    ],
+)
+def test_best_variant(accept: str, width: int, chosen: str) -> None:
+    record = _record(
+        ("w256.avif", "avif", 256),
+        ("w256.webp", "webp", 256),
+        ("w256.jpeg", "jpeg", 256),
+        ("w1024.avif", "avif", 1024),
+        ("w1024.webp", "webp", 1024),
+        ("w1024.jpeg", "jpeg", 1024),
+    )
+    assert best_variant(record, width, accept).name == chosen
+
+
+def _sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def test_repr_digest() -> None:
+    digest = _sha256(b"x")
+    assert parse_repr_digest(f"sha-256=:{digest}:") == {"sha256": hashlib.sha256(b"x").digest()}
+    assert parse_repr_digest(f"unixsum=:AA==:, sha-256=:{digest}:").keys() == {"sha256"}
+    assert parse_repr_digest(None) == {}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"sha-256=:{_sha256(b'x')}:, sha-256=:{_sha256(b'y')}:",
+        f"sha-256=:{_sha256(b'x')}:,sha-256=:{_sha256(b'x')}:",  # even when they agree
+        "unixsum=:AA==:, unixsum=:AA==:",
+    ],
+)
+def test_repr_digest_refuses_a_member_twice(header: str) -> None:
+    with pytest.raises(BadRequest, match="more than once"):
+        parse_repr_digest(header)
+
+
+@pytest.mark.parametrize("sig", ["\u00e9", "\udcff", "\uff21\uff22", "0" * 64 + "\u00e9", ""])
+def test_a_non_ascii_or_empty_signature_is_refused_not_an_error(sig: str) -> None:
+    assert verify(b"k" * 32, "/v1/images/x/original", "alice", "9999999999", sig) is False
+
+
+@pytest.mark.parametrize("expires", ["١٢٣٤٥٦٧٨٩٠", "+9999999999", " 9999999999", "9_999_999_999"])
+def test_expiry_must_be_plain_digits(expires: str) -> None:
+    key = b"k" * 32
+    query = dict(part.split("=") for part in sign(key, "/p", "alice", 60).split("&"))
+    assert verify(key, "/p", "alice", query["expires"], query["sig"]) is True
+    assert verify(key, "/p", "alice", expires, query["sig"]) is False

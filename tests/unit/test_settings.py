@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import BadRequest
 from core.settings import ConfigError, Settings
+from core.webhooks import check_url, host_allowed
 
 BASE = {"S3_ENDPOINT": "http://127.0.0.1:8333", "S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"}
 
@@ -59,3 +61,67 @@ def test_key_errors_never_echo_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({**BASE, "PICSTREAM_API_KEYS": "alice:sekrit"})
     assert "sekrit" not in str(info.value)
+
+
+SECRET = {"PICSTREAM_WEBHOOK_SECRET": "s" * 32}
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url"),
+    [
+        ("hooks.example", "https://hooks.example/x"),
+        ("hooks.example", "https://HOOKS.example:8443/x"),  # a bare host allows every port
+        ("hooks.example:8443", "https://hooks.example:8443/x"),
+        ("[::1]:9000", "http://[::1]:9000/hook"),
+        ("[::1]", "http://[::1]:9000/hook"),
+        ("[0:0::1]:9000", "http://[::1]:9000/hook"),  # compared in canonical form
+        ("[::1]:9000", "http://[0:0:0:0:0:0:0:1]:9000/hook"),
+    ],
+)
+def test_webhook_hosts_match(hosts: str, url: str) -> None:
+    env = {**BASE, **SECRET, "PICSTREAM_WEBHOOK_HOSTS": hosts}
+    settings = Settings.from_env({**env, "PICSTREAM_WEBHOOKS": f"alice={url}"})
+    assert host_allowed(url, settings.webhook_hosts)
+    assert check_url(url, settings.webhook_hosts) == url
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url"),
+    [
+        ("hooks.example:8443", "https://hooks.example/x"),
+        ("hooks.example:8443", "https://hooks.example:8444/x"),
+        ("[::1]:9000", "http://[::1]:9001/hook"),
+        ("[::1]:9000", "http://[::2]:9000/hook"),
+        ("[::1]:9000", "http://127.0.0.1:9000/hook"),
+    ],
+)
+def test_webhook_hosts_refuse(hosts: str, url: str) -> None:
+    env = {**BASE, **SECRET, "PICSTREAM_WEBHOOK_HOSTS": hosts}
+    with pytest.raises(ConfigError, match="not on PICSTREAM_WEBHOOK_HOSTS"):
+        Settings.from_env({**env, "PICSTREAM_WEBHOOKS": f"alice={url}"})
+    with pytest.raises(BadRequest, match="not on PICSTREAM_WEBHOOK_HOSTS"):
+        check_url(url, frozenset({hosts}))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks.example:99999/",
+        "http://hooks.example:abc/",
+        "http://127.0.0.1:1:80/",
+        "http://hooks.example:0/",
+    ],
+)
+def test_unreadable_webhook_ports(url: str) -> None:
+    hosts = frozenset({"hooks.example", "127.0.0.1", "[::1]"})
+    with pytest.raises(BadRequest, match="invalid host or port"):
+        check_url(url, hosts)
+    env = {**BASE, **SECRET, "PICSTREAM_WEBHOOK_HOSTS": ",".join(hosts)}
+    with pytest.raises(ConfigError, match="PICSTREAM_WEBHOOKS"):
+        Settings.from_env({**env, "PICSTREAM_WEBHOOKS": f"alice={url}"})
+
+
+@pytest.mark.parametrize("url", ["http://[::1/", "http://[not-an-address]/"])
+def test_unreadable_webhook_hosts(url: str) -> None:
+    with pytest.raises(BadRequest, match="invalid host or port"):
+        check_url(url, frozenset({"[::1]"}))
