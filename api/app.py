@@ -1,39 +1,114 @@
-"""The falcon application factory. It receives its collaborators; api/main.py builds them."""
+"""The falcon application factory. It receives its collaborators; api/main.py builds them.
+
+Each resource gets only what it uses (its use case, the records, a bundle like `Files`);
+`Collaborators` is the factory's argument alone and never reaches a resource.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
 import falcon
+from rq import Queue
 
 from api import errors
 from api.auth import AuthMiddleware, KeyRing
+from api.deletion import Deletion
+from api.events import EventHub, Events
+from api.files import Best, Files, Original, VariantFile
+from api.health import Health, Ready
+from api.images import Image, Images, UploadRequests
+from api.limits import Slots
+from api.listing import Listing
 from api.openapi import OpenAPIDocument
-from api.resources import Health, Image, Images, Ready, Reconvert
-from api.serving import Best, Events, Original, VariantFile
-from api.uploads import Services, Uploads
+from api.presign import Presigner
+from api.reconvert import Reconversion, Reconvert
+from api.signed_links import SignedLinks
+from api.uploads import Uploads, upload_limits
 from core.errors import PicstreamError
+from core.leases import Leases
+from core.records import Records
+from core.settings import Settings
+from core.storage import Store
 
 
-def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response]:
-    keys = services.settings.api_keys
+@dataclass(frozen=True, slots=True)
+class Collaborators:
+    """What one web process builds once, after fork (api/main.py), for `create_app`."""
+
+    settings: Settings
+    store: Store
+    records: Records
+    leases: Leases
+    queue: Queue
+    bulk_queue: Queue  # reconversions: workers drain `queue` first
+    hub: EventHub
+    presigner: Presigner
+    part_uploads: Executor
+    download_pool: Executor  # read-ahead of the copying relay
+    upload_slots: Slots
+    stream_slots: Slots
+    download_slots: Slots  # downloads whose body the process relays
+
+
+def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
+    """The WSGI app of one web process, serving with what `c` holds."""
+    keys = c.settings.api_keys
     if not keys:
         raise ValueError("PICSTREAM_API_KEYS is empty: no client could authenticate")
-    app = falcon.App(middleware=[AuthMiddleware(KeyRing(keys), services.settings.signing_key)])
+    app = falcon.App(middleware=[AuthMiddleware(KeyRing(keys), c.settings.signing_key)])
     # Uploads are streamed by hand; falcon must never try to buffer or parse the body.
     app.req_options.auto_parse_form_urlencoded = False
     app.req_options.strip_url_path_trailing_slash = True
     app.add_error_handler(Exception, errors.handle_unexpected)
     app.add_error_handler(PicstreamError, errors.handle_domain)
     app.set_error_serializer(errors.serialize_http_error)
-
-    uploads = Uploads(services)
-    app.add_route("/healthz", Health())
-    app.add_route("/readyz", Ready(services))
-    app.add_route("/v1/openapi.json", OpenAPIDocument())
-    app.add_route("/v1/images", Images(services, uploads))
-    app.add_route("/v1/images/{image_id}", Image(services, uploads))
-    app.add_route("/v1/images/{image_id}/reconvert", Reconvert(services))
-    app.add_route("/v1/images/{image_id}/original", Original(services))
-    app.add_route("/v1/images/{image_id}/variants/{name}", VariantFile(services))
-    app.add_route("/v1/images/{image_id}/best", Best(services))
-    app.add_route("/v1/images/{image_id}/events", Events(services))
+    for path, resource in _routes(c):
+        app.add_route(path, resource)
     return app
+
+
+def _routes(c: Collaborators) -> list[tuple[str, object]]:
+    """Every route and its resource, each given the collaborators it uses."""
+    settings, records, store = c.settings, c.records, c.store
+    links = SignedLinks(settings.signing_key)
+    files = Files(store, c.download_pool, c.download_slots, c.presigner)
+    uploads = UploadRequests(
+        Uploads(
+            store,
+            records,
+            c.leases,
+            c.queue,
+            c.part_uploads,
+            limits=upload_limits(settings),
+            retry_intervals=settings.retry_intervals,
+            redis_timeout=settings.redis_timeout,
+        ),
+        c.upload_slots,
+        settings.profiles,
+        read_timeout=settings.read_timeout,
+        webhook_hosts=settings.webhook_hosts,
+    )
+    reconversion = Reconversion(
+        records,
+        store,
+        c.bulk_queue,
+        settings.profiles,
+        retry_intervals=settings.retry_intervals,
+        job_timeout=settings.job_timeout,
+    )
+    deletion = Deletion(records, store, settings.job_timeout)
+    events = Events(records, c.hub, c.stream_slots, links, heartbeat=settings.sse_heartbeat)
+    return [
+        ("/healthz", Health()),
+        ("/readyz", Ready(records, store)),
+        ("/v1/openapi.json", OpenAPIDocument()),
+        ("/v1/images", Images(Listing(records), uploads)),
+        ("/v1/images/{image_id}", Image(records, links, uploads, deletion)),
+        ("/v1/images/{image_id}/reconvert", Reconvert(reconversion)),
+        ("/v1/images/{image_id}/original", Original(records, files)),
+        ("/v1/images/{image_id}/variants/{name}", VariantFile(records, files)),
+        ("/v1/images/{image_id}/best", Best(records, files)),
+        ("/v1/images/{image_id}/events", events),
+    ]

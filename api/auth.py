@@ -27,6 +27,8 @@ class KeyRing:
         self._pairs = [(owner, key.encode()) for owner, key in pairs]
 
     def owner_of(self, presented: str) -> str | None:
+        # SECURITY: every key is compared, each in constant time, with no early exit: the
+        # time taken tells nothing about which key matched or how much of one.
         candidate = presented.encode()
         found: str | None = None
         for owner, key in self._pairs:
@@ -43,6 +45,9 @@ class AuthMiddleware:
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
+        # SECURITY: no resource means no route matched (falcon answers 404 itself); every
+        # other request needs a valid key or signature. A `sig` parameter means signed-link
+        # rules only: a bad signature is a 403, never a fallback to the Authorization header.
         if req.path in PUBLIC_PATHS or resource is None:
             return
         if req.get_param("sig") is not None:
@@ -56,6 +61,8 @@ class AuthMiddleware:
 
     def _signed_owner(self, req: falcon.Request) -> str:
         """A signed link reads exactly the path it was made for, and nothing else."""
+        # SECURITY: `owner` comes from the query string and is trusted only because the MAC
+        # covers it; GET/HEAD of an original or variant path (SIGNABLE, full match) only.
         owner = req.get_param("owner") or ""
         ok = (
             self.signing_key is not None

@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:picstream:problem:"
 
-# exception class -> (status, problem type slug, title)
+# Domain exception -> (status, problem type slug, title): the only place that maps them to
+# HTTP. The slug makes the problem `type` clients match on; never change one. Each class has
+# its row; a subclass without one (added later) is answered as its nearest listed base.
 TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
     e.BadRequest: (400, "bad-request", "Bad request"),
+    e.ProfileNotFound: (400, "bad-request", "Bad request"),
+    e.InvalidWebhookUrl: (400, "bad-request", "Bad request"),
+    e.WebhookHostNotAllowed: (400, "bad-request", "Bad request"),
     e.EmptyBody: (400, "empty-body", "Empty body"),
     e.ClientDisconnected: (400, "incomplete-body", "Incomplete request body"),
     e.Unauthorized: (401, "unauthorized", "Missing or invalid API key"),
@@ -59,7 +64,7 @@ def respond_problem(resp: falcon.Response, body: dict[str, Any]) -> None:
 def handle_domain(
     req: falcon.Request, resp: falcon.Response, ex: e.PicstreamError, params: dict[str, Any]
 ) -> None:
-    status, slug, title = TABLE.get(type(ex), (500, "internal", "Internal error"))
+    status, slug, title = _row(type(ex))
     if status >= 500:
         log.warning("%s %s -> %d: %s", req.method, req.path, status, ex.detail)
     respond_problem(resp, problem(status, slug, title, ex.detail))
@@ -68,6 +73,14 @@ def handle_domain(
     if isinstance(ex, e.Unauthorized):
         resp.set_header("WWW-Authenticate", 'Bearer realm="picstream"')
     _close_if_body_unread(req, resp)
+
+
+def _row(cls: type[e.PicstreamError]) -> tuple[int, str, str]:
+    for base in cls.__mro__:
+        row = TABLE.get(base)
+        if row is not None:
+            return row
+    return 500, "internal", "Internal error"
 
 
 def handle_unexpected(

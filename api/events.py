@@ -1,6 +1,8 @@
-"""Server-Sent Events for one image's conversion, fanned out from Redis streams.
+"""Server-Sent Events for one image's conversion (`GET /v1/images/{id}/events`), fanned out
+from Redis streams.
 
-Workers append every status change to the image's Redis stream (core/events.py). Each web
+Workers append every status change to the image's Redis stream; core/events.py describes
+what an event holds and how it reads as an SSE message, this module how it is sent. Each web
 process runs one `EventHub` thread that XREADs every stream someone is watching, on one
 Redis connection, and hands entries to the watchers' queues; a watcher's request thread only
 waits on its queue. So N watchers cost N idle threads and no Redis connections of their own.
@@ -10,9 +12,8 @@ What a client gets from `GET /v1/images/{id}/events`:
 - `200 text/event-stream` starting with `retry: 2000`: a browser's EventSource reconnects
   2 s after the stream ends or breaks, sending the last `id:` it saw as `Last-Event-ID`.
   Then the current status (`event: status`), then one event per change, each with its stream
-  entry id as `id:`. Status events carry the record as `GET /v1/images/{id}` shows it (with
-  its links). The response ends right after the final event: status `ready`/`failed`, or
-  `deleted`. A `: keep-alive` comment goes out while nothing happens, which is also how a
+  entry id as `id:`. The response ends right after the final event: status `ready`/`failed`,
+  or `deleted`. A `: keep-alive` comment goes out while nothing happens, which is also how a
   disconnected client is noticed (on the next write) and its thread freed; so is one that
   stopped reading, once it has taken none of our bytes for PICSTREAM_SEND_TIMEOUT (the
   kernel drops the connection: api/gunicorn.py).
@@ -46,15 +47,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import falcon
 import redis
 from redis import Redis
 
-from core.errors import BadRequest, QueueUnavailable
-from core.models import ImageRecord
+from api.limits import Slots
+from api.signed_links import SignedLinks
+from api.views import record_json
+from core.errors import BadRequest, NotFound, QueueUnavailable
+from core.events import FINAL, STATUS, Event, events_key, status_event
+from core.models import ImageRecord, validate_image_id
+from core.records import Records
 
 log = logging.getLogger(__name__)
 
-FINAL = ("ready", "failed")
 _ID_ZERO = "0-0"
 _U64 = 2**64 - 1
 # The id of a finished image's status when its stream is gone: after every real entry id.
@@ -119,11 +125,6 @@ class EventHub:
                 group.discard(watcher)
                 if not group:
                     del self._watchers[watcher.key]
-
-    @property
-    def watching(self) -> int:
-        with self._lock:
-            return sum(len(group) for group in self._watchers.values())
 
     def _positions(self) -> dict[str, str]:
         with self._lock:
@@ -229,10 +230,7 @@ class EventStream:
 
     def _begin(self, record: ImageRecord, position: str) -> bytes | Iterator[bytes]:
         """The current status, then (unless final) what follows it."""
-        data: dict[str, Any] = {"status": record.status, "record": self.view(record)}
-        if record.error:
-            data["error"] = record.error
-        opening = frame("status", data, position)
+        opening = frame(STATUS, status_event(record).data(self.view), position)
         if record.status in FINAL:
             return _RETRY + opening
         return self._follow(position, opening)
@@ -243,8 +241,9 @@ class EventStream:
         the reconnect then gets 204 rather than a stream that would wait forever)."""
         frames = []
         for entry_id, fields in entries:
-            frames.append(self._entry_frame(entry_id, fields))
-            if _is_final(fields):
+            event = Event.from_fields(fields)
+            frames.append(self._frame(entry_id, event))
+            if event.final:
                 return _RETRY + b"".join(frames)
         if final:
             return _RETRY + b"".join(frames)
@@ -260,8 +259,9 @@ class EventStream:
                 except queue.Empty:
                     yield _KEEP_ALIVE
                     continue
-                yield self._entry_frame(entry_id, fields)
-                if _is_final(fields):
+                event = Event.from_fields(fields)
+                yield self._frame(entry_id, event)
+                if event.final:
                     return
         finally:
             self.hub.unwatch(watcher)
@@ -273,14 +273,54 @@ class EventStream:
     def _since(self, after: str) -> list[Entry]:
         return _entries(self.hub.redis.xrange(self.key, min=f"({after}", max="+"))
 
-    def _entry_frame(self, entry_id: str, fields: dict[str, str]) -> bytes:
-        kind = fields.get("type", "status")
-        data: dict[str, Any] = {k: v for k, v in fields.items() if k not in ("type", "record")}
-        if "record" in fields:
-            data["record"] = self.view(ImageRecord.from_dict(json.loads(fields["record"])))
-        return frame(kind, data, entry_id)
+    def _frame(self, entry_id: str, event: Event) -> bytes:
+        return frame(event.type, event.data(self.view), entry_id)
 
 
-def _is_final(fields: dict[str, str]) -> bool:
-    kind = fields.get("type")
-    return kind == "deleted" or (kind == "status" and fields.get("status") in FINAL)
+class Events:
+    """/v1/images/{image_id}/events: the resource. The owner's record is looked up (another
+    owner's id is a 404); links in it are signed with `?signed=SECONDS`. A response that
+    follows the conversion holds one of `slots`."""
+
+    def __init__(
+        self,
+        records: Records,
+        hub: EventHub,
+        slots: Slots,
+        links: SignedLinks,
+        *,
+        heartbeat: float,
+    ) -> None:
+        self.records = records
+        self.hub = hub
+        self.slots = slots
+        self.links = links
+        self.heartbeat = heartbeat
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        resume = parse_last_event_id(req.get_header("Last-Event-ID"))
+        sign = self.links.signer(req)
+
+        def load() -> ImageRecord:
+            return self.records.get(req.context.owner, validate_image_id(image_id))
+
+        try:
+            record = load()
+            key = events_key(record.owner, record.id, record.gen)
+            stream = EventStream(self.hub, key, lambda r: record_json(req, r, sign), self.heartbeat)
+            body = stream.open(load, resume)
+        except NotFound:
+            if resume is None:
+                raise
+            body = None  # a reconnect after `deleted`: nothing more will come
+        resp.set_header("Cache-Control", "no-store")
+        if body is None:
+            resp.status = falcon.HTTP_204  # what stops a browser's EventSource
+            return
+        resp.content_type = "text/event-stream"
+        resp.set_header("X-Accel-Buffering", "no")  # tell nginx not to buffer the stream
+        if isinstance(body, bytes):
+            resp.data = body  # complete already: no thread held, no slot taken
+            return
+        self.slots.admit()
+        resp.stream = self.slots.counted(body)

@@ -102,6 +102,9 @@ def content_disposition(filename: str | None, disposition: str = "inline") -> st
     Control characters, quotes and backslashes never reach the header; a name that leaves
     nothing printable gets no filename parameter at all.
     """
+    # SECURITY: the uploader's file name goes into a header the downloader's browser reads:
+    # no CR/LF (header injection), the quoted fallback keeps only [A-Za-z0-9._ ()+,=@-] (no
+    # quote, backslash or ';'), and the real name is percent-encoded (RFC 8187).
     if not filename:
         return disposition
     name = "".join(ch for ch in filename if ch.isprintable()).strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from core.errors import Busy
@@ -23,24 +24,22 @@ class Slots:
         self.what = what
         self.retry_after = retry_after
         self._free = threading.BoundedSemaphore(limit)
-        self._lock = threading.Lock()
-        self._held = 0
-
-    @property
-    def held(self) -> int:
-        with self._lock:
-            return self._held
 
     def admit(self) -> None:
         if not self._free.acquire(blocking=False):
             raise Busy(f"too many {self.what} in progress; retry shortly", self.retry_after)
-        with self._lock:
-            self._held += 1
 
     def release(self) -> None:
-        with self._lock:
-            self._held -= 1
         self._free.release()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold one slot for the duration of a `with` block (an upload)."""
+        self.admit()
+        try:
+            yield
+        finally:
+            self.release()
 
     def counted(self, body: Iterator[bytes]) -> CountedBody:
         """A response body that gives its slot back when the server closes it."""

@@ -11,12 +11,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from wsgiref.types import WSGIApplication
 
-from api.app import create_app
+from api.app import Collaborators, create_app
 from api.events import EventHub
 from api.gunicorn import Deadlines
 from api.limits import Slots
 from api.presign import Presigner
-from api.uploads import Services
 from core.jobs import make_queue
 from core.leases import Leases
 from core.records import Records, connect
@@ -24,19 +23,21 @@ from core.settings import Settings
 from core.storage import Store
 
 
-def build_services(settings: Settings) -> Services:
+def build_collaborators(settings: Settings) -> Collaborators:
     uploads = settings.max_uploads
-    # One part-upload thread per upload slot: every upload can have a part in flight.
-    executor = ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="part-upload")
     redis = connect(settings)
-    return Services(
+    return Collaborators(
         settings=settings,
         # Pool: each request thread and each part-upload thread may hold a connection.
         store=Store.from_settings(settings, pool_size=settings.web_threads + uploads),
         records=Records(redis),
+        leases=Leases(redis, settings.lease_seconds),
         queue=make_queue(redis, settings.queue, settings.job_timeout),
         bulk_queue=make_queue(redis, settings.bulk_queue, settings.job_timeout),
-        executor=executor,
+        hub=EventHub(redis),
+        presigner=Presigner(settings),
+        # One part-upload thread per upload slot: every upload can have a part in flight.
+        part_uploads=ThreadPoolExecutor(max_workers=uploads, thread_name_prefix="part-upload"),
         # At most one read ahead per download slot (the copying relay's).
         download_pool=ThreadPoolExecutor(
             max_workers=settings.max_downloads, thread_name_prefix="download-read-ahead"
@@ -44,9 +45,6 @@ def build_services(settings: Settings) -> Services:
         upload_slots=Slots(uploads, "uploads"),
         stream_slots=Slots(settings.max_event_streams, "event streams", retry_after=15),
         download_slots=Slots(settings.max_downloads, "downloads"),
-        hub=EventHub(redis),
-        presigner=Presigner(settings),
-        leases=Leases(redis, settings.lease_seconds),
     )
 
 
@@ -58,4 +56,4 @@ def app() -> WSGIApplication:
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
     # The send deadline and the close without waiting are gunicorn's side (api/gunicorn.py).
-    return Deadlines(create_app(build_services(settings)), settings.send_timeout)
+    return Deadlines(create_app(build_collaborators(settings)), settings.send_timeout)

@@ -1,6 +1,6 @@
 """The upload use case: body -> S3 object + bucket record copy + Redis record + queued job.
 
-No HTTP here (api/resources.py adapts it). The order of the steps is what guarantees "no half
+No HTTP here (api/images.py adapts it). The order of the steps is what guarantees "no half
 state": the upload takes a lease on its id (core/leases.py), writes the original and its JSON
 copy under a new incarnation's prefix, then commits the Redis record and the job in one
 transaction fenced by the lease (core/records.py `commit`), whose outcome is known before
@@ -12,14 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from rq import Queue
 
 from api.body import UploadBody
-from api.events import EventHub
-from api.limits import Slots
-from api.presign import Presigner
 from core.errors import Conflict, PicstreamError, TooLarge
 from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
@@ -44,38 +41,42 @@ log = logging.getLogger(__name__)
 _SLACK = 2 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Services:
-    """The collaborators of the web process, built once per worker process after fork."""
-
-    settings: Settings
-    store: Store
-    records: Records
-    queue: Queue
-    bulk_queue: Queue  # reconversions: workers drain `queue` first
-    executor: Executor  # part uploads
-    download_pool: Executor  # read-ahead of downloads
-    upload_slots: Slots
-    stream_slots: Slots
-    download_slots: Slots  # downloads whose body the process relays
-    hub: EventHub
-    presigner: Presigner
-    leases: Leases
+def upload_limits(settings: Settings) -> Limits:
+    """What one upload may be: its size, pixels, header length, formats; its part size."""
+    return Limits(
+        part_size=settings.part_size,
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_pixels,
+        max_head=settings.max_head_bytes,
+        allowed_formats=settings.allowed_formats,
+    )
 
 
 class Uploads:
-    def __init__(self, services: Services) -> None:
-        self.s = services
-        settings = services.settings
-        self.limits = Limits(
-            part_size=settings.part_size,
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_pixels,
-            max_head=settings.max_head_bytes,
-            allowed_formats=settings.allowed_formats,
-        )
+    """The use case. Parts are uploaded on `part_uploads` while the next one is received;
+    the job goes to `queue` (the one workers drain first)."""
+
+    def __init__(
+        self,
+        store: Store,
+        records: Records,
+        leases: Leases,
+        queue: Queue,
+        part_uploads: Executor,
+        *,
+        limits: Limits,
+        retry_intervals: tuple[int, ...],
+        redis_timeout: float,
+    ) -> None:
+        self.store = store
+        self.records = records
+        self.leases = leases
+        self.queue = queue
+        self.part_uploads = part_uploads
+        self.limits = limits
+        self.retry_intervals = retry_intervals
         # The commit must reach Redis within this, or never take effect (core/records.py).
-        self.fence = 2 * settings.redis_timeout
+        self.fence = 2 * redis_timeout
 
     def create(
         self,
@@ -89,7 +90,7 @@ class Uploads:
         `callback` receives the final record (a webhook)."""
         self._check_envelope(body)
         image_id = new_image_id()
-        with self.s.leases.hold(owner, image_id) as lease:
+        with self.leases.hold(owner, image_id) as lease:
             return self._store_new(lease, body, digests, profile, callback)
 
     def put(
@@ -105,9 +106,9 @@ class Uploads:
         (its profile unchanged: reconvert changes profiles); different bytes under an
         existing id -> Conflict; another upload of the id in progress -> Conflict."""
         self._check_envelope(body)
-        records = self.s.records
+        records = self.records
         if not records.exists(owner, image_id):
-            with self.s.leases.hold(owner, image_id) as lease:
+            with self.leases.hold(owner, image_id) as lease:
                 # Re-check under the lease: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
                     return self._store_new(lease, body, digests, profile, callback), True
@@ -125,7 +126,7 @@ class Uploads:
         keys = ObjectKeys(owner, image_id, new_generation())
         lease.guard(keys.prefix)  # purged unless committed, even if this process dies
         meta = {"picstream-owner": owner, "picstream-id": image_id, "picstream-gen": keys.gen}
-        sink = ObjectSink(self.s.store, keys.original, self.s.executor, meta, tracker=lease)
+        sink = ObjectSink(self.store, keys.original, self.part_uploads, meta, tracker=lease)
         try:
             ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
         except BaseException:
@@ -139,9 +140,9 @@ class Uploads:
             vset=new_generation(),
         )
         try:
-            self.s.store.put_json(keys.record, record.to_dict())
-            queue, intervals = self.s.queue, self.s.settings.retry_intervals
-            self.s.records.commit(
+            self.store.put_json(keys.record, record.to_dict())
+            queue, intervals = self.queue, self.retry_intervals
+            self.records.commit(
                 record,
                 lease,
                 lambda pipe: enqueue_convert(queue, record, record.vset, pipe, intervals=intervals),
@@ -177,13 +178,13 @@ class Uploads:
         to the janitor (the incarnation's prefix is this upload's alone)."""
         sink.stored = False
         try:
-            self.s.store.delete_prefix(keys.prefix)
+            self.store.delete_prefix(keys.prefix)
             lease.unguard()
             return
         except PicstreamError as exc:
             log.warning("could not delete %s after a failed upload: %s", keys.prefix, exc)
         try:
-            self.s.records.queue_purge(keys.prefix)
+            self.records.queue_purge(keys.prefix)
         except PicstreamError as exc:
             log.error("%s is left in the bucket (store and Redis failed): %s", keys.prefix, exc)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import falcon
 
 from api.downloads import version
+from api.signed_links import Signer
 from core.models import ImageRecord
-
-Signer = Callable[[str], str]  # path -> query string that makes it readable without a key
 
 
 def record_json(

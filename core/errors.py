@@ -1,8 +1,13 @@
 """Flat domain exceptions.
 
-Every failure a caller can act on is one of these. Provider errors (minio, redis) are
-translated where they are caught, so nothing above the storage/queue layer ever sees them.
-The API maps each class to an HTTP status in one table (api/errors.py).
+Every failure a caller can act on is one of these, named for what went wrong in the
+domain, never for an HTTP status. Provider errors (minio, redis) are translated where they
+are caught, so nothing above the storage/queue layer ever sees them. The API maps each class
+to an HTTP status and a problem type in one table (api/errors.py), and nowhere else.
+
+A few are kinds of `BadRequest` (an unknown profile, a webhook URL that may not be called):
+code that only needs "the request asked for something impossible" catches the base class,
+and clients see the same problem type as before they had names of their own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ class PicstreamError(Exception):
 
 class BadRequest(PicstreamError):
     """The request itself is malformed (bad id, bad header, malformed multipart body)."""
+
+
+class ProfileNotFound(BadRequest):
+    """No conversion profile has this name (`?profile=`, or a record's profile that was
+    removed from the profiles file)."""
+
+
+class InvalidWebhookUrl(BadRequest):
+    """A webhook URL that can never be called: not an absolute http(s) URL, carrying
+    credentials, or with a host or port that cannot be read."""
+
+
+class WebhookHostNotAllowed(BadRequest):
+    """A webhook URL whose host is not on the allow-list (PICSTREAM_WEBHOOK_HOSTS)."""
 
 
 class EmptyBody(PicstreamError):

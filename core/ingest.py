@@ -137,7 +137,9 @@ class Ingest:
         self.declared_size = declared_size
         # hashlib name -> expected raw digest, from the client's Repr-Digest.
         self.expected_digests = dict(expected_digests or {})
-        self._blake3 = blake3(max_threads=1)  # AUTO hangs in forked children (FACTS.md)
+        # Not AUTO: once a process has used AUTO, a child it forks that uses AUTO hangs
+        # forever (blake3 1.0.11), and gunicorn and rq both fork.
+        self._blake3 = blake3(max_threads=1)
         self._checks = {name: hashlib.new(name) for name in self.expected_digests}
         self._total = 0
 

@@ -146,6 +146,9 @@ def clean_filename(raw: str | None) -> str | None:
 
     The name never reaches an object key; the serving side escapes it again for headers.
     """
+    # SECURITY: client input, shown back in JSON and (via api/http.py) in a header. Only the
+    # last path segment survives, without non-printable characters (CR/LF, NUL, bidi
+    # overrides), and never "." or "..".
     if not raw:
         return None
     name = unicodedata.normalize("NFC", raw).replace("\\", "/").rsplit("/", 1)[-1]

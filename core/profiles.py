@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from core.errors import BadRequest
+from core.errors import ProfileNotFound
 
 DEFAULT_PROFILE = "default"
 
@@ -177,12 +177,12 @@ class Profiles:
     by_name: Mapping[str, Profile]
 
     def require(self, name: str | None) -> Profile:
-        """The profile called `name` (the default for None); BadRequest if there is none."""
+        """The profile called `name` (the default for None); ProfileNotFound if there is none."""
         name = DEFAULT_PROFILE if name is None else name
         profile = self.by_name.get(name)
         if profile is None:
             known = ", ".join(sorted(self.by_name))
-            raise BadRequest(f"unknown profile {name!r} (profiles: {known})")
+            raise ProfileNotFound(f"unknown profile {name!r} (profiles: {known})")
         return profile
 
 

@@ -3,6 +3,12 @@
 `Settings.from_env(env)` is the only reader of the environment in the project. It fails fast
 with a `ConfigError` that names the bad variable, so a typo stops the process at start-up
 instead of surfacing as a confusing error on the first request.
+
+The fields are declared by concern, and each concern can also be read as one small frozen
+view: `settings.storage` (S3 and Redis), `settings.web` (the API process),
+`settings.conversion` (the conversion jobs) and `settings.webhooks` (deliveries). The flat
+fields stay the source of truth (the web process and core read them); a view is a copy of
+the fields of its concern, for code that wants to be handed one concern only.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from core.errors import BadRequest
+from core.errors import InvalidWebhookUrl
 from core.profiles import ProfileError, Profiles, default_profiles, load_profiles
 from core.webhooks import host_allowed
 
@@ -36,9 +42,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    # ------------------------------------------------------------ storage: S3 and Redis
     s3_endpoint: str
     s3_access_key: str
-    s3_secret_key: str
+    s3_secret_key: str = field(repr=False)
+    s3_bucket: str = "picstream"
+    s3_region: str = "us-east-1"
+    # What clients can reach the store at, for ?redirect=1 presigned URLs.
+    s3_public_endpoint: str = ""
+    part_size: int = 16 * MiB
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every Redis call gives up after this; an upload's commit is fenced at twice it.
+    redis_timeout: float = 5.0
+    # Seconds between janitor sweeps (stale multipart uploads, pending purges).
+    janitor_interval: float = 300.0
+
+    # ------------------------------------------------------------ web: the API process
     port: int = 8000
     host: str = "127.0.0.1"
     # Where gunicorn listens (`host:port` or `unix:/path`) when nginx is in front of it and
@@ -46,31 +65,14 @@ class Settings:
     bind: str = ""
     # Behind deploy/nginx.conf: downloads are handed to nginx (X-Accel-Redirect).
     accel_redirect: bool = False
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    s3_bucket: str = "picstream"
-    s3_region: str = "us-east-1"
     # (owner, key) pairs; an owner may hold several keys (rotation). Kept out of repr so a
     # logged Settings never shows a secret.
     api_keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    part_size: int = 16 * MiB
     max_upload_bytes: int = 1 * GiB
-    max_pixels: int = 100_000_000
+    max_pixels: int = 100_000_000  # also checked by the worker, before decoding
     max_head_bytes: int = 2 * MiB
     allowed_formats: frozenset[str] = frozenset(DEFAULT_FORMATS)
     read_timeout: float = 30.0
-    queue: str = "convert"
-    bulk_queue: str = "reconvert"
-    job_timeout: int = 600
-    # Conversion (worker). Profiles come from PICSTREAM_PROFILES, parsed here so a bad file
-    # stops both processes at start-up.
-    profiles: Profiles = field(default_factory=default_profiles, repr=False)
-    max_frames: int = 100
-    # Variants encoded at once within one job (libvips releases the GIL).
-    convert_threads: int = 2
-    # Waits before each retry of a conversion after a transient failure (S3/Redis down).
-    retry_intervals: tuple[int, ...] = (5, 20, 60, 180)
-    # Data-segment limit of one conversion process (RLIMIT_DATA); 0 = none.
-    job_memory: int = 1 * GiB
     web_workers: int = 2
     # Each request holds a thread; uploads, event streams and downloads hold theirs for long
     # (a download as long as its client takes to read it), so each kind gets its own budget of
@@ -89,22 +91,40 @@ class Settings:
     send_timeout: float = 30.0
     # Signed links (HMAC); None disables them.
     signing_key: bytes | None = field(default=None, repr=False)
-    # What clients can reach the store at, for ?redirect=1 presigned URLs.
-    s3_public_endpoint: str = ""
     presign_seconds: int = 300
-    # Webhooks: the hosts that may be called, the HMAC key, and owner -> URL defaults.
-    webhook_hosts: frozenset[str] = frozenset()
-    webhook_secret: bytes | None = field(default=None, repr=False)
-    webhooks: tuple[tuple[str, str], ...] = ()
-    webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
-    log_level: str = "info"
-    # Seconds between janitor sweeps (stale multipart uploads, pending purges).
-    janitor_interval: float = 300.0
     # An upload's lease (its id reservation and multipart registration) lives this long
     # unless renewed; the uploading process renews it every third of it.
     lease_seconds: float = 15.0
-    # Every Redis call gives up after this; an upload's commit is fenced at twice it.
-    redis_timeout: float = 5.0
+
+    # ------------------------------------------------------------ conversion (worker)
+    queue: str = "convert"
+    bulk_queue: str = "reconvert"
+    job_timeout: int = 600
+    # Profiles come from PICSTREAM_PROFILES, parsed here so a bad file stops both processes
+    # at start-up; `profiles_path` is that file ("" for the built-in profiles), which the
+    # worker reads again for every job.
+    profiles: Profiles = field(default_factory=default_profiles, repr=False)
+    profiles_path: str = ""
+    max_frames: int = 100
+    # Variants encoded at once within one job (libvips releases the GIL).
+    convert_threads: int = 2
+    # Waits before each retry of a conversion after a transient failure (S3/Redis down).
+    retry_intervals: tuple[int, ...] = (5, 20, 60, 180)
+    # Data-segment limit of one conversion process (RLIMIT_DATA); 0 = none.
+    job_memory: int = 1 * GiB
+
+    # ------------------------------------------------------------ webhooks
+    # The hosts that may be called, the HMAC key, owner -> URL defaults, the retry waits,
+    # and the queue deliveries wait on (never the conversions': a slow receiver must not
+    # hold up a conversion).
+    webhook_hosts: frozenset[str] = frozenset()
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    owner_webhooks: tuple[tuple[str, str], ...] = ()
+    webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
+    webhook_queue: str = "webhooks"
+
+    # ------------------------------------------------------------ every process
+    log_level: str = "info"
 
     @property
     def s3_secure(self) -> bool:
@@ -114,6 +134,71 @@ class Settings:
     def s3_host(self) -> str:
         """host:port as the minio SDK wants it."""
         return urlsplit(self.s3_endpoint).netloc
+
+    @property
+    def storage(self) -> StorageSettings:
+        return StorageSettings(
+            endpoint=self.s3_endpoint,
+            access_key=self.s3_access_key,
+            secret_key=self.s3_secret_key,
+            bucket=self.s3_bucket,
+            region=self.s3_region,
+            public_endpoint=self.s3_public_endpoint,
+            part_size=self.part_size,
+            redis_url=self.redis_url,
+            redis_timeout=self.redis_timeout,
+            janitor_interval=self.janitor_interval,
+        )
+
+    @property
+    def web(self) -> WebSettings:
+        return WebSettings(
+            port=self.port,
+            host=self.host,
+            bind=self.bind,
+            accel_redirect=self.accel_redirect,
+            api_keys=self.api_keys,
+            max_upload_bytes=self.max_upload_bytes,
+            max_pixels=self.max_pixels,
+            max_head_bytes=self.max_head_bytes,
+            allowed_formats=self.allowed_formats,
+            read_timeout=self.read_timeout,
+            workers=self.web_workers,
+            threads=self.web_threads,
+            max_uploads=self.max_uploads,
+            max_event_streams=self.max_event_streams,
+            max_downloads=self.max_downloads,
+            sse_heartbeat=self.sse_heartbeat,
+            send_timeout=self.send_timeout,
+            signing_key=self.signing_key,
+            presign_seconds=self.presign_seconds,
+            lease_seconds=self.lease_seconds,
+        )
+
+    @property
+    def conversion(self) -> ConversionSettings:
+        return ConversionSettings(
+            queue=self.queue,
+            bulk_queue=self.bulk_queue,
+            job_timeout=self.job_timeout,
+            profiles=self.profiles,
+            profiles_path=self.profiles_path,
+            max_pixels=self.max_pixels,
+            max_frames=self.max_frames,
+            threads=self.convert_threads,
+            retry_intervals=self.retry_intervals,
+            job_memory=self.job_memory,
+        )
+
+    @property
+    def webhooks(self) -> WebhookSettings:
+        return WebhookSettings(
+            hosts=self.webhook_hosts,
+            secret=self.webhook_secret,
+            owner_urls=self.owner_webhooks,
+            retry_intervals=self.webhook_retry_intervals,
+            queue=self.webhook_queue,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -127,18 +212,25 @@ class Settings:
         # (deploy/env.example, the tests) still starts: half of the threads they leave.
         half_left = max(1, (threads - uploads - streams) // 2)
         settings = cls(
+            # storage
             s3_endpoint=r.url("S3_ENDPOINT", None, ("http", "https")),
             s3_access_key=r.text("S3_ACCESS_KEY", None),
             s3_secret_key=r.text("S3_SECRET_KEY", None),
+            s3_bucket=r.bucket("S3_BUCKET", "picstream"),
+            s3_region=r.text("S3_REGION", "us-east-1"),
+            s3_public_endpoint=r.url(
+                "S3_PUBLIC_ENDPOINT", env.get("S3_ENDPOINT") or None, ("http", "https")
+            ),
+            part_size=part_size,
+            redis_url=r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
+            redis_timeout=r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
+            janitor_interval=r.seconds("PICSTREAM_JANITOR_INTERVAL", 300.0),
+            # web
             port=r.integer("PORT", 8000, 1, 65535),
             host=r.text("PICSTREAM_HOST", "127.0.0.1"),
             bind=r.text("PICSTREAM_BIND", ""),
             accel_redirect=r.choice("PICSTREAM_ACCEL_REDIRECT", "0", ("0", "1")) == "1",
-            redis_url=r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
-            s3_bucket=r.bucket("S3_BUCKET", "picstream"),
-            s3_region=r.text("S3_REGION", "us-east-1"),
             api_keys=r.api_keys("PICSTREAM_API_KEYS"),
-            part_size=part_size,
             max_upload_bytes=r.size(
                 "PICSTREAM_MAX_UPLOAD_BYTES", 1 * GiB, 1, part_size * S3_MAX_PARTS
             ),
@@ -146,14 +238,6 @@ class Settings:
             max_head_bytes=r.size("PICSTREAM_MAX_HEAD_BYTES", 2 * MiB, 64 * 1024, part_size),
             allowed_formats=r.formats("PICSTREAM_ALLOWED_FORMATS"),
             read_timeout=r.seconds("PICSTREAM_READ_TIMEOUT", 30.0),
-            queue=r.name("PICSTREAM_QUEUE", "convert"),
-            bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
-            job_timeout=r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
-            profiles=r.profiles("PICSTREAM_PROFILES"),
-            max_frames=r.integer("PICSTREAM_MAX_FRAMES", 100, 1, 10_000),
-            convert_threads=r.integer("PICSTREAM_CONVERT_THREADS", 2, 1, 64),
-            retry_intervals=r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
-            job_memory=r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
             web_workers=r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
             web_threads=threads,
             max_uploads=uploads,
@@ -162,46 +246,142 @@ class Settings:
             sse_heartbeat=r.seconds("PICSTREAM_SSE_HEARTBEAT", 15.0),
             send_timeout=r.seconds("PICSTREAM_SEND_TIMEOUT", 30.0),
             signing_key=r.secret("PICSTREAM_SIGNING_KEY"),
-            s3_public_endpoint=r.url(
-                "S3_PUBLIC_ENDPOINT", env.get("S3_ENDPOINT") or None, ("http", "https")
-            ),
             presign_seconds=r.integer("PICSTREAM_PRESIGN_SECONDS", 300, 1, 7 * 86_400),
+            lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
+            # conversion
+            queue=r.name("PICSTREAM_QUEUE", "convert"),
+            bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
+            job_timeout=r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
+            profiles=r.profiles("PICSTREAM_PROFILES"),
+            profiles_path=r.text("PICSTREAM_PROFILES", ""),
+            max_frames=r.integer("PICSTREAM_MAX_FRAMES", 100, 1, 10_000),
+            convert_threads=r.integer("PICSTREAM_CONVERT_THREADS", 2, 1, 64),
+            retry_intervals=r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
+            job_memory=r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
+            # webhooks
             webhook_hosts=r.hosts("PICSTREAM_WEBHOOK_HOSTS"),
             webhook_secret=r.secret("PICSTREAM_WEBHOOK_SECRET"),
-            webhooks=r.owner_urls("PICSTREAM_WEBHOOKS"),
+            owner_webhooks=r.owner_urls("PICSTREAM_WEBHOOKS"),
             webhook_retry_intervals=r.intervals(
                 "PICSTREAM_WEBHOOK_RETRY_INTERVALS", (10, 30, 120, 600, 1800, 3600)
             ),
+            webhook_queue=r.name("PICSTREAM_WEBHOOK_QUEUE", "webhooks"),
             log_level=r.choice(
                 "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
-            janitor_interval=r.seconds("PICSTREAM_JANITOR_INTERVAL", 300.0),
-            lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
-            redis_timeout=r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
         )
-        budgets = settings.max_uploads + settings.max_event_streams + settings.max_downloads
-        if budgets >= settings.web_threads:
-            raise ConfigError(
-                "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS + PICSTREAM_MAX_DOWNLOADS"
-                f" ({budgets}) must leave threads free for other requests: raise"
-                f" PICSTREAM_WEB_THREADS ({settings.web_threads}) above {budgets}"
-            )
-        if (settings.webhooks or settings.webhook_hosts) and settings.webhook_secret is None:
-            raise ConfigError("webhooks need PICSTREAM_WEBHOOK_SECRET to sign deliveries")
-        for owner, url in settings.webhooks:
-            try:
-                listed = host_allowed(url, settings.webhook_hosts)
-            except BadRequest as exc:
-                raise ConfigError(
-                    f"PICSTREAM_WEBHOOKS: the URL for {owner!r}: {exc.detail}"
-                ) from None
-            if not listed:
-                raise ConfigError(
-                    f"PICSTREAM_WEBHOOKS: the URL for {owner!r} is not on PICSTREAM_WEBHOOK_HOSTS"
-                )
-        if settings.queue == settings.bulk_queue:
-            raise ConfigError("PICSTREAM_BULK_QUEUE must differ from PICSTREAM_QUEUE")
+        _check_budgets(settings)
+        _check_webhooks(settings)
+        _check_queues(settings)
         return settings
+
+
+@dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Where state lives: the S3 bucket (originals, variants, record copies) and Redis
+    (records, index, queues), and the janitor that tidies both."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    bucket: str
+    region: str
+    public_endpoint: str  # the store as clients see it, for presigned redirects
+    part_size: int  # multipart part size
+    redis_url: str
+    redis_timeout: float
+    janitor_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The API process: where it listens, who may call it, what it accepts, and the
+    thread budgets of its slow requests."""
+
+    port: int
+    host: str
+    bind: str
+    accel_redirect: bool
+    api_keys: tuple[tuple[str, str], ...] = field(repr=False)
+    max_upload_bytes: int
+    max_pixels: int
+    max_head_bytes: int
+    allowed_formats: frozenset[str]
+    read_timeout: float
+    workers: int
+    threads: int
+    max_uploads: int
+    max_event_streams: int
+    max_downloads: int
+    sse_heartbeat: float
+    send_timeout: float
+    signing_key: bytes | None = field(repr=False)
+    presign_seconds: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionSettings:
+    """The conversion jobs: their queues (fresh uploads, bulk reconversion), limits and
+    retries, and the profiles."""
+
+    queue: str
+    bulk_queue: str
+    job_timeout: int
+    profiles: Profiles = field(repr=False)
+    profiles_path: str  # "" for the built-in profiles
+    max_pixels: int
+    max_frames: int
+    threads: int  # variants encoded at once within a job
+    retry_intervals: tuple[int, ...]
+    job_memory: int  # RLIMIT_DATA of one conversion process; 0 = none
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """Webhook deliveries: who may be called, how they are signed, the owners' default
+    URLs, the retry waits and the queue deliveries wait on."""
+
+    hosts: frozenset[str]
+    secret: bytes | None = field(repr=False)
+    owner_urls: tuple[tuple[str, str], ...]
+    retry_intervals: tuple[int, ...]
+    queue: str
+
+
+def _check_budgets(settings: Settings) -> None:
+    budgets = settings.max_uploads + settings.max_event_streams + settings.max_downloads
+    if budgets >= settings.web_threads:
+        raise ConfigError(
+            "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS + PICSTREAM_MAX_DOWNLOADS"
+            f" ({budgets}) must leave threads free for other requests: raise"
+            f" PICSTREAM_WEB_THREADS ({settings.web_threads}) above {budgets}"
+        )
+
+
+def _check_webhooks(settings: Settings) -> None:
+    if (settings.owner_webhooks or settings.webhook_hosts) and settings.webhook_secret is None:
+        raise ConfigError("webhooks need PICSTREAM_WEBHOOK_SECRET to sign deliveries")
+    for owner, url in settings.owner_webhooks:
+        try:
+            listed = host_allowed(url, settings.webhook_hosts)
+        except InvalidWebhookUrl as exc:
+            raise ConfigError(f"PICSTREAM_WEBHOOKS: the URL for {owner!r}: {exc.detail}") from None
+        if not listed:
+            raise ConfigError(
+                f"PICSTREAM_WEBHOOKS: the URL for {owner!r} is not on PICSTREAM_WEBHOOK_HOSTS"
+            )
+
+
+def _check_queues(settings: Settings) -> None:
+    """One queue per kind of job: workers drain them in order (fresh uploads, webhook
+    deliveries, bulk reconversion), which a shared name would undo."""
+    if settings.queue == settings.bulk_queue:
+        raise ConfigError("PICSTREAM_BULK_QUEUE must differ from PICSTREAM_QUEUE")
+    if settings.webhook_queue in (settings.queue, settings.bulk_queue):
+        raise ConfigError(
+            "PICSTREAM_WEBHOOK_QUEUE must differ from PICSTREAM_QUEUE and PICSTREAM_BULK_QUEUE"
+        )
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "kib": 1024, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}

@@ -16,6 +16,9 @@ from urllib.parse import urlencode
 
 
 def _mac(key: bytes, path: str, owner: str, expires: int) -> str:
+    # SECURITY: the fields are joined with newlines, which neither the path (api/auth.py
+    # verifies only SIGNABLE paths) nor `expires` (ASCII digits) can hold, so no two
+    # (path, owner, expires) share a message: a MAC cannot be moved to another path or owner.
     message = f"GET\n{path}\n{owner}\n{expires}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 

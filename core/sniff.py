@@ -4,7 +4,8 @@ While an upload streams in, the API keeps the first bytes of the body and calls
 :func:`sniff` after each read. The sniffer answers from as few bytes as possible, without
 decoding pixels and without any imaging library:
 
-* :class:`Sniffed` once it knows the format, the size and the EXIF-style orientation;
+* :class:`Sniffed` once it knows the format, the size and the EXIF-style orientation
+  (for a format the workers cannot decode, the format alone: it is refused anyway);
 * :class:`NeedMore` with the exact head length its next step needs;
 * :class:`~core.errors.NotAnImage` / :class:`~core.errors.CorruptImage` otherwise.
 
@@ -24,17 +25,15 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 from zlib import crc32
 
 from core.errors import CorruptImage, NotAnImage
 
 __all__ = ["MAX_SIDE", "MIME_TYPES", "SUPPORTED", "NeedMore", "Sniffed", "sniff"]
 
-# Formats the workers decode. Anything else in MIME_TYPES is recognised only (answer 415).
-SUPPORTED: frozenset[str] = frozenset({"jpeg", "png", "gif", "webp", "avif", "heic", "tiff", "bmp"})
-
-MIME_TYPES: dict[str, str] = {
+# Formats the workers decode: the sniffer reads their size and orientation.
+_DECODED: dict[str, str] = {
     "jpeg": "image/jpeg",
     "png": "image/png",
     "gif": "image/gif",
@@ -43,6 +42,10 @@ MIME_TYPES: dict[str, str] = {
     "heic": "image/heic",
     "tiff": "image/tiff",
     "bmp": "image/bmp",
+}
+# Formats recognised by their signature only (format, no size): the API refuses them with
+# 415 whatever their header says.
+_RECOGNISED: dict[str, str] = {
     "jp2": "image/jp2",
     "jxl": "image/jxl",
     "pnm": "image/x-portable-anymap",
@@ -56,6 +59,8 @@ MIME_TYPES: dict[str, str] = {
     "icns": "image/icns",
     "hdr": "image/vnd.radiance",
 }
+SUPPORTED: frozenset[str] = frozenset(_DECODED)
+MIME_TYPES: dict[str, str] = _DECODED | _RECOGNISED
 
 # The largest side the supported formats can store (PNG, BMP and TIFF use 31/32-bit sizes).
 # A bigger claim is header corruption; big-but-legal sizes are the caller's pixel limit.
@@ -65,7 +70,8 @@ MAX_SIDE = 2**31 - 1
 @dataclass(frozen=True, slots=True)
 class Sniffed:
     """What the head says. ``width``/``height`` are the DISPLAYED size (orientations 5-8
-    swap the stored sides) and are both None when the head cannot tell."""
+    swap the stored sides) and are both None when the head cannot tell (always, for a
+    format outside SUPPORTED)."""
 
     format: str
     width: int | None
@@ -89,7 +95,7 @@ def sniff(head: bytes | bytearray | memoryview, final: bool) -> Sniffed | NeedMo
 
     ``final=True`` means no more bytes will come (end of body, or the caller's head cap):
     then the answer is never NeedMore. Raises NotAnImage when no image signature matches
-    and CorruptImage when a known format's header is invalid.
+    and CorruptImage when the header of a SUPPORTED format is invalid.
     """
     data = head if isinstance(head, bytes) else bytes(head)
     if not data:
@@ -99,6 +105,8 @@ def sniff(head: bytes | bytearray | memoryview, final: bool) -> Sniffed | NeedMo
     key = _identify(data, final)
     if isinstance(key, int):
         return NeedMore(max(key, len(data) + 1))
+    if key not in _PARSERS:
+        return Sniffed(key, None, None, 1)
     parser, label = _PARSERS[key]
     try:
         return parser(_Head(data, final, label))
@@ -144,11 +152,6 @@ class _Head:
         if self.final:
             raise _Truncated
         raise _Short(max(n, ask))
-
-    def more(self) -> NoReturn:
-        """Ask for one more byte: for text-like headers whose next step has no known size."""
-        self.need(len(self.data) + 1)
-        raise AssertionError("unreachable: need() raised")
 
     def unpack(self, fmt: str, offset: int) -> tuple[Any, ...]:
         self.need(offset + struct.calcsize(fmt))
@@ -224,6 +227,8 @@ _SVG_SCAN = 4096  # an SVG's root element must show up within this many bytes...
 _MAX_SVG_PROLOG = 32  # ...after at most this many declarations, comments, PIs
 _XML_SPACE = re.compile(rb"[ \t\r\n]+")
 _XML_NAME = re.compile(rb"[A-Za-z_:][-A-Za-z0-9_.:]*")
+_PNM_SCAN = 1024  # how far _probe_pnm looks past #-comments for the first number
+_PNM_SKIP = re.compile(rb"(?:[ \t\n\r\x0b\x0c]+|#[^\r\n]*[\r\n])*")
 
 
 def _probe_bmp(data: bytes) -> str | int | None:
@@ -341,7 +346,7 @@ _PROBES: tuple[_Probe, ...] = (
     _signature("webp", (0, b"RIFF"), (8, b"WEBP")),
     _probe_isobmff,
     _signature("jp2", (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n")),
-    _signature("j2k", (0, b"\xff\x4f\xff\x51")),
+    _signature("jp2", (0, b"\xff\x4f\xff\x51")),  # raw codestream
     _signature("jxl", (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
     _signature("jxl", (0, b"\xff\x0a")),
     _signature("tiff", (0, b"II*\x00")),
@@ -867,176 +872,8 @@ def _clap_size(fmt: str, clap: tuple[int, ...], width: int, height: int) -> tupl
     return clean_width, clean_height
 
 
-# --------------------------------------------------------------------------- recognised only
-
-
-def _parse_jp2(h: _Head) -> Sniffed:
-    """JPEG 2000 (JP2 container): size from jp2h/ihdr."""
-    try:
-        for kind, start, end in _boxes(h, 12, None):
-            if kind == b"jp2h":
-                for child, child_start, child_end in _boxes(h, start, end):
-                    if child == b"ihdr":
-                        limit = child_start + 8 if child_end is None else child_end
-                        height, width = _fields(h, child_start, limit, ">II")
-                        return _sized("jp2", width, height)
-                raise _corrupt("JPEG 2000", "no image header box")
-    except _Truncated:
-        pass
-    return Sniffed("jp2", None, None, 1)
-
-
-def _parse_j2k(h: _Head) -> Sniffed:
-    """Raw JPEG 2000 codestream: the SIZ segment follows SOC directly."""
-    right, bottom, left, top = h.unpack(">IIII", 8)
-    return _sized("jp2", right - left, bottom - top)
-
-
-class _Bits:
-    """LSB-first bit reader over the head, for the JPEG XL codestream headers."""
-
-    def __init__(self, h: _Head, pos: int, end: int | None) -> None:
-        self.h, self.pos, self.end, self.bit = h, pos, end, 0
-
-    def read(self, count: int) -> int:
-        value = 0
-        for shift in range(count):
-            if self.end is not None and self.pos >= self.end:
-                # The header continues in a later jxlp box: give up on the size.
-                raise _Truncated
-            self.h.need(self.pos + 1)
-            value |= ((self.h.data[self.pos] >> self.bit) & 1) << shift
-            self.bit += 1
-            if self.bit == 8:
-                self.pos, self.bit = self.pos + 1, 0
-        return value
-
-
-_JXL_RATIOS = ((1, 1), (12, 10), (4, 3), (3, 2), (16, 9), (5, 4), (2, 1))
-
-
-def _parse_jxl(h: _Head) -> Sniffed:
-    """JPEG XL, bare codestream (FF 0A) or in its ISOBMFF container (jxlc / jxlp boxes)."""
-    try:
-        if h.data[0] == 0xFF:
-            return _jxl_codestream(h, 0, None)
-        for kind, start, end in _boxes(h, 12, None):
-            if kind == b"jxlc":
-                return _jxl_codestream(h, start, end)
-            if kind == b"jxlp":  # a 4-byte sequence number precedes the codestream part
-                return _jxl_codestream(h, start + 4, end)
-    except _Truncated:
-        pass
-    return Sniffed("jxl", None, None, 1)
-
-
-def _jxl_codestream(h: _Head, pos: int, end: int | None) -> Sniffed:
-    bits = _Bits(h, pos, end)
-    if bits.read(16) != 0x0AFF:
-        raise _corrupt("JPEG XL", "bad codestream signature")
-    small = bits.read(1)
-    height = (bits.read(5) + 1) * 8 if small else _jxl_u32(bits)
-    ratio = bits.read(3)
-    if ratio == 0:
-        width = (bits.read(5) + 1) * 8 if small else _jxl_u32(bits)
-    else:
-        numerator, denominator = _JXL_RATIOS[ratio - 1]
-        width = height * numerator // denominator
-    orientation = 1
-    if not bits.read(1) and bits.read(1):  # metadata not all default, has extra fields
-        orientation = 1 + bits.read(3)
-    return _sized("jxl", width, height, orientation)
-
-
-def _jxl_u32(bits: _Bits) -> int:
-    return 1 + bits.read((9, 13, 18, 30)[bits.read(2)])
-
-
-_PNM_SCAN = 1024  # give up on the size after this many header bytes (comments...)
-_PNM_NUMBER = re.compile(rb"[0-9]{1,12}")
-_PNM_SKIP = re.compile(rb"(?:[ \t\n\r\x0b\x0c]+|#[^\r\n]*[\r\n])*")
-_MAX_PAM_LINES = 64
-_PAM_SIZES = (b"WIDTH", b"HEIGHT")
-
-
-def _parse_pnm(h: _Head) -> Sniffed:
-    """Netpbm P1-P6: width and height are the first two numbers after the magic, separated
-    by whitespace and #-comments."""
-    if h.data[1] == ord("7"):
-        return _parse_pam(h)
-    data = h.data[:_PNM_SCAN]
-    numbers: list[int] = []
-    pos = 2
-    while len(numbers) < 2:
-        pos = _run_end(_PNM_SKIP, data, pos)
-        number = _PNM_NUMBER.match(data, pos)
-        # A number is complete once a delimiter follows it.
-        if number is None and pos < len(data) and data[pos] != ord("#"):
-            raise _corrupt("PNM", "expected a number")
-        if number is None or number.end() >= len(data):
-            if len(data) >= _PNM_SCAN:
-                return Sniffed("pnm", None, None, 1)
-            h.more()
-        if data[number.end()] not in _WHITESPACE + b"#":
-            raise _corrupt("PNM", "expected a number")
-        numbers.append(int(number[0]))
-        pos = number.end()
-    return _sized("pnm", numbers[0], numbers[1])
-
-
-def _parse_pam(h: _Head) -> Sniffed:
-    """P7 (PAM): "WIDTH n" / "HEIGHT n" header lines up to ENDHDR."""
-    data = h.data
-    found: dict[bytes, int] = {}
-    pos = 3
-    for _ in range(_MAX_PAM_LINES):
-        if len(found) == 2:
-            return _sized("pnm", found[b"WIDTH"], found[b"HEIGHT"])
-        if pos >= _PNM_SCAN:
-            break
-        newline = data.find(b"\n", pos, _PNM_SCAN)
-        if newline < 0:
-            if len(data) >= _PNM_SCAN:
-                break
-            h.more()
-        words = data[pos:newline].split()
-        pos = newline + 1
-        if words == [b"ENDHDR"]:
-            raise _corrupt("PAM", "no WIDTH/HEIGHT before ENDHDR")
-        if len(words) == 2 and words[0] in _PAM_SIZES and _PNM_NUMBER.fullmatch(words[1]):
-            found.setdefault(words[0], int(words[1]))
-    return Sniffed("pnm", None, None, 1)
-
-
-def _parse_psd(h: _Head) -> Sniffed:
-    version, _, _, height, width = h.unpack(">H6sHII", 4)
-    if version not in (1, 2):  # 2 is PSB, the large-document variant
-        raise _corrupt("PSD", "unknown version")
-    return _sized("psd", width, height)
-
-
-def _parse_qoi(h: _Head) -> Sniffed:
-    width, height = h.unpack(">II", 4)
-    return _sized("qoi", width, height)
-
-
-def _parse_ico(h: _Head) -> Sniffed:
-    """Icons hold several images; only a single-image icon has one well-defined size.
-    A 0 byte means 256 or more, so it is left unknown."""
-    count, width, height = h.unpack("<HBB", 4)
-    if count == 1 and width and height:
-        return _sized("ico", width, height)
-    return Sniffed("ico", None, None, 1)
-
-
-def _format_only(fmt: str) -> Callable[[_Head], Sniffed]:
-    def parse(h: _Head) -> Sniffed:
-        return Sniffed(fmt, None, None, 1)
-
-    return parse
-
-
-# key -> (parser, label for messages)
+# key -> (parser, label for messages). A key without a parser is a format recognised by
+# its signature only: the workers cannot decode it, so its size does not matter (415).
 _PARSERS: dict[str, tuple[Callable[[_Head], Sniffed], str]] = {
     "jpeg": (_parse_jpeg, "JPEG"),
     "png": (_parse_png, "PNG"),
@@ -1045,17 +882,4 @@ _PARSERS: dict[str, tuple[Callable[[_Head], Sniffed], str]] = {
     "heif": (_parse_heif, "HEIF"),
     "tiff": (_parse_tiff, "TIFF"),
     "bmp": (_parse_bmp, "BMP"),
-    "jp2": (_parse_jp2, "JPEG 2000"),
-    "j2k": (_parse_j2k, "JPEG 2000"),
-    "jxl": (_parse_jxl, "JPEG XL"),
-    "pnm": (_parse_pnm, "PNM"),
-    "psd": (_parse_psd, "PSD"),
-    "qoi": (_parse_qoi, "QOI"),
-    "ico": (_parse_ico, "ICO"),
-    "svg": (_format_only("svg"), "SVG"),
-    "jxr": (_format_only("jxr"), "JPEG XR"),
-    "exr": (_format_only("exr"), "OpenEXR"),
-    "dds": (_format_only("dds"), "DDS"),
-    "icns": (_format_only("icns"), "ICNS"),
-    "hdr": (_format_only("hdr"), "Radiance HDR"),
 }

@@ -1,4 +1,4 @@
-"""Small, valid image headers built in code (the tests never read ../shared).
+"""Small, valid image headers built in code (the tests read no image files).
 
 The API never decodes pixels, so a body needs a correct header; what follows it may be any
 bytes. `big_png_body` streams a PNG header plus N pseudo-random bytes without holding them.

@@ -1,4 +1,4 @@
-"""Decodable test images, built in code with Pillow and pyvips (the tests never read ../shared).
+"""Decodable test images, built in code with Pillow and pyvips (the tests read no image files).
 
 Unlike tests/images.py (headers only, for the API), these carry real pixels, for the
 conversion tests: a marked-corner picture for orientation, colour patches for colour

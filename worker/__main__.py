@@ -5,12 +5,17 @@ the rq worker as `python -m worker --supervised-by PID` and restarts it when it 
 out-of-memory kill, SIGKILL). SIGTERM/SIGINT are passed on to it once each: the first is rq's
 warm shutdown (the current job finishes), a second one its cold shutdown.
 
-The rq worker listens on `convert reconvert`, which drains fresh uploads strictly first, so
-bulk reconversion never starves new uploads. The scheduler runs in the worker so retries with
-backoff fire. Each job runs in a forked work-horse. The image libraries are loaded in the rq
-worker process (not in the supervisor) before the fork, so a job does not pay for loading
-them; each horse gets a data-segment limit (PICSTREAM_JOB_MEMORY) so one image cannot take
-the machine's memory.
+The rq worker listens on `convert webhooks reconvert` (PICSTREAM_QUEUE,
+PICSTREAM_WEBHOOK_QUEUE, PICSTREAM_BULK_QUEUE) and drains them strictly in that order: fresh
+uploads first, then webhook deliveries (a slow receiver waits in a queue of its own, never in
+front of a conversion), then bulk reconversion, so bulk work never starves the other two.
+The scheduler runs in the worker so retries with backoff fire. Each job runs in a forked
+work-horse. The image libraries are loaded in the rq worker process (not in the supervisor)
+before the fork, so a job does not pay for loading them; each horse gets a data-segment limit
+(PICSTREAM_JOB_MEMORY) so one image cannot take the machine's memory.
+
+This is the worker's composition root: `main` reads the environment once, and `build_worker`
+hands the settings to the jobs (`JobServices.configure`); no job reads the environment.
 
 Redis outages: rq alone ends its worker on the first refused connection outside its wait for
 a job. This worker instead waits for Redis — a PING after 0.25 s, doubling to every 5 s —
@@ -66,6 +71,7 @@ from core.jobs import make_queue
 from core.records import NS, Records, connect
 from core.settings import ConfigError, Settings
 from core.storage import Store
+from worker.services import JobServices
 from worker.supervisor import Supervisor
 
 log = logging.getLogger("worker")
@@ -326,30 +332,34 @@ class ConversionWorker(Worker):
             worker_registration.register(self)
 
 
+def listened_queues(settings: Settings, redis_client: Redis) -> list[Queue]:
+    """The queues a worker takes jobs from, in the order it drains them: fresh uploads,
+    webhook deliveries, bulk reconversion."""
+    conversion = settings.conversion
+    names = (conversion.queue, settings.webhooks.queue, conversion.bulk_queue)
+    return [make_queue(redis_client, name, conversion.job_timeout) for name in names]
+
+
 def build_worker(settings: Settings, redis_client: Redis) -> ConversionWorker:
     """The rq worker with its janitor. Loads the image libraries (through worker.jobs)."""
     # Imported here, in the rq worker process, so that the supervisor process never loads
     # pyvips/Pillow; rq forks the work-horses from this process, after this import.
-    from worker.jobs import Services, horse_killed
+    from worker.jobs import horse_killed
 
-    Services.configure(settings)  # the jobs' settings; their clients are built per horse
-    queues = [
-        make_queue(redis_client, name, settings.job_timeout)
-        for name in (settings.queue, settings.bulk_queue)
-    ]
-    sweeps = JanitorSchedule(
-        Store.from_settings(settings), Records(redis_client), settings.janitor_interval
-    )
+    JobServices.configure(settings)  # the jobs' settings; their clients are built per horse
+    queues = listened_queues(settings, redis_client)
+    janitor_interval = settings.storage.janitor_interval
+    sweeps = JanitorSchedule(Store.from_settings(settings), Records(redis_client), janitor_interval)
     return ConversionWorker(
         queues,
         connection=redis_client,
         serializer=queues[0].serializer,
         worker_ttl=WORKER_TTL,
         # The janitor runs from the maintenance: as often as it is due, at least.
-        maintenance_interval=max(1, min(MAINTENANCE_INTERVAL, int(settings.janitor_interval))),
+        maintenance_interval=max(1, min(MAINTENANCE_INTERVAL, int(janitor_interval))),
         job_monitoring_interval=JOB_MONITORING_INTERVAL,
         work_horse_killed_handler=horse_killed,
-        job_memory=settings.job_memory,
+        job_memory=settings.conversion.job_memory,
         janitor=sweeps,
     )
 

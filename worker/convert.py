@@ -77,9 +77,17 @@ class ConversionError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class DecodeLimits:
+    """What an original may hold before it is decoded: pixels (all frames together, for an
+    animation to stay animated) and frames."""
+
     max_pixels: int
     max_frames: int
+
+
+# The former name, still imported by tests/unit/test_convert.py and bench/convert.py (not
+# part of this change); remove once they import DecodeLimits.
+Limits = DecodeLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +107,7 @@ class Failed:
 
 
 @dataclass(frozen=True, slots=True)
-class Source:
+class ProbedOriginal:
     """An original opened header-only: nothing decoded yet."""
 
     path: str
@@ -109,20 +117,20 @@ class Source:
     frames: int
 
 
-def open_image(path: str, fmt: str, profile: Profile, limits: Limits) -> Conversion:
+def open_image(path: str, fmt: str, profile: Profile, limits: DecodeLimits) -> Conversion:
     """Check the header against the limits, decode once at the size of the largest variant
     of `profile`, and plan the variants. Raises ConversionError."""
-    source = _probe(path, fmt)
-    _check_pixels(source.width, source.height, limits.max_pixels)
+    original = _probe(path, fmt)
+    _check_pixels(original.width, original.height, limits.max_pixels)
     # Size the decode for every variant that might be made (alpha not known yet).
     largest = max(
-        _target_width(spec, source.width, source.height)
-        for spec in profile.plan(source.width, source.height, alpha=None)
+        _target_width(spec, original.width, original.height)
+        for spec in profile.plan(original.width, original.height, alpha=None)
     )
-    base = _decode(source, largest)
+    base = _decode(original, largest)
     alpha = bool(base.hasalpha())
-    plan = profile.plan(source.width, source.height, alpha)
-    return Conversion(source, base, plan, profile, _animated(source, profile, limits))
+    plan = profile.plan(original.width, original.height, alpha)
+    return Conversion(original, base, plan, profile, _animated(original, profile, limits))
 
 
 class Conversion:
@@ -131,13 +139,13 @@ class Conversion:
 
     def __init__(
         self,
-        source: Source,
+        original: ProbedOriginal,
         base: pyvips.Image,
         plan: tuple[VariantSpec, ...],
         profile: Profile,
         animated: bool,
     ) -> None:
-        self.source = source
+        self.original = original
         self.base = base
         self.plan = plan
         self.profile = profile
@@ -145,11 +153,11 @@ class Conversion:
 
     @property
     def width(self) -> int:
-        return self.source.width
+        return self.original.width
 
     @property
     def height(self) -> int:
-        return self.source.height
+        return self.original.height
 
     def render_all(self, threads: int) -> Iterator[Rendered | Failed]:
         """Every variant of the plan, in plan order. `threads` encoders run at once, the
@@ -195,12 +203,12 @@ class Conversion:
         # in memory all at once: a decode per size, but memory of about one frame.
         box_w, box_h = _box(spec)
         image = pyvips.Image.thumbnail(
-            f"{self.source.path}[n=-1]", box_w, height=box_h, size="down", fail_on="error"
+            f"{self.original.path}[n=-1]", box_w, height=box_h, size="down", fail_on="error"
         )
         return _to_srgb(image)
 
 
-def _probe(path: str, fmt: str) -> Source:
+def _probe(path: str, fmt: str) -> ProbedOriginal:
     if fmt in VIPS_FORMATS:
         return _probe_vips(path, fmt)
     if fmt in PILLOW_FORMATS:
@@ -208,7 +216,7 @@ def _probe(path: str, fmt: str) -> Source:
     raise ConversionError(f"{fmt} images cannot be converted")
 
 
-def _probe_vips(path: str, fmt: str) -> Source:
+def _probe_vips(path: str, fmt: str) -> ProbedOriginal:
     loader, label = VIPS_FORMATS[fmt]
     try:
         header = pyvips.Image.new_from_file(path, access="sequential", fail_on="error")
@@ -219,10 +227,10 @@ def _probe_vips(path: str, fmt: str) -> Source:
     width, height = header.width, _page_height(header)
     if _field(header, "orientation") in (5, 6, 7, 8):
         width, height = height, width
-    return Source(path, fmt, width, height, _field(header, "n-pages") or 1)
+    return ProbedOriginal(path, fmt, width, height, _field(header, "n-pages") or 1)
 
 
-def _probe_pillow(path: str, fmt: str) -> Source:
+def _probe_pillow(path: str, fmt: str) -> ProbedOriginal:
     plugin, label = PILLOW_FORMATS[fmt]
     try:
         with Image.open(path, formats=[plugin]) as im:
@@ -230,7 +238,7 @@ def _probe_pillow(path: str, fmt: str) -> Source:
             frames = getattr(im, "n_frames", 1)
     except (OSError, ValueError, SyntaxError, RuntimeError, EOFError) as exc:
         raise ConversionError(f"the {label} file could not be read: {exc}") from None
-    return Source(path, fmt, width, height, frames)
+    return ProbedOriginal(path, fmt, width, height, frames)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> None:
@@ -242,13 +250,13 @@ def _check_pixels(width: int, height: int, max_pixels: int, frames: int = 1) -> 
         raise ConversionError(f"{what} is {pixels} pixels, above the limit of {max_pixels}")
 
 
-def _animated(source: Source, profile: Profile, limits: Limits) -> bool:
-    if not profile.animate or source.format not in ANIMATED_FORMATS or source.frames < 2:
+def _animated(original: ProbedOriginal, profile: Profile, limits: DecodeLimits) -> bool:
+    if not profile.animate or original.format not in ANIMATED_FORMATS or original.frames < 2:
         return False
-    if source.frames > limits.max_frames:
+    if original.frames > limits.max_frames:
         return False
     try:
-        _check_pixels(source.width, source.height, limits.max_pixels, source.frames)
+        _check_pixels(original.width, original.height, limits.max_pixels, original.frames)
     except ConversionError:
         return False
     return True
@@ -264,18 +272,18 @@ def _box(spec: VariantSpec) -> tuple[int, int]:
     return min(spec.size.width, cap), min(spec.size.height or _ANY, cap)
 
 
-def _decode(source: Source, width: int) -> pyvips.Image:
+def _decode(original: ProbedOriginal, width: int) -> pyvips.Image:
     """The one decode: upright, sRGB, 8-bit, `width` pixels wide, in memory."""
-    label = (VIPS_FORMATS.get(source.format) or PILLOW_FORMATS[source.format])[1]
+    label = (VIPS_FORMATS.get(original.format) or PILLOW_FORMATS[original.format])[1]
     try:
-        if source.format in VIPS_FORMATS:
+        if original.format in VIPS_FORMATS:
             # thumbnail shrinks on load (JPEG DCT scaling, WebP/HEIF scaled decode) and
             # applies the orientation.
             image = pyvips.Image.thumbnail(
-                source.path, width, height=_ANY, size="down", fail_on="error"
+                original.path, width, height=_ANY, size="down", fail_on="error"
             )
         else:
-            image = _pillow_decode(source, width)
+            image = _pillow_decode(original, width)
         return _opaque(_to_srgb(image).copy_memory())
     except pyvips.Error as exc:
         raise ConversionError(f"the {label} image could not be decoded: {_reason(exc)}") from None
@@ -285,10 +293,10 @@ def _decode(source: Source, width: int) -> pyvips.Image:
         raise ConversionError(f"the {label} image {TOO_BIG}") from None
 
 
-def _pillow_decode(source: Source, width: int) -> pyvips.Image:
-    plugin, label = PILLOW_FORMATS[source.format]
+def _pillow_decode(original: ProbedOriginal, width: int) -> pyvips.Image:
+    plugin, label = PILLOW_FORMATS[original.format]
     try:
-        with Image.open(source.path, formats=[plugin]) as opened:
+        with Image.open(original.path, formats=[plugin]) as opened:
             opened.load()
             icc = opened.info.get("icc_profile")
             mode = "RGBA" if _pillow_alpha(opened) else "RGB"

@@ -1,5 +1,9 @@
 """Job entry points, named in core/jobs.py by dotted path: the wiring around worker/convert.
 
+Jobs take their settings and clients from the worker's composition root
+(`JobServices.current()`, worker/services.py), never from the environment; the profiles file
+is the one thing read again for every job (`current_profiles`).
+
 `convert(owner, image_id, gen, vset)` makes variant set `vset` of incarnation `gen`:
 
 1. read the record: it must still be incarnation `gen` and still want set `vset` — either
@@ -39,8 +43,8 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Literal
+from dataclasses import replace
+from typing import Any, Literal
 
 from blake3 import blake3
 from redis import Redis
@@ -50,16 +54,16 @@ from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
 from core import events
-from core.errors import BadRequest, NotFound, PicstreamError
+from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.jobs import make_queue
 from core.migrate import migrate_image
 from core.models import ImageRecord, ObjectKeys, PendingSet, Variant
-from core.profiles import Profile
-from core.records import Purge, Records, connect
-from core.settings import Settings
-from core.storage import Store
+from core.profiles import Profile, ProfileError, Profiles, load_profiles
+from core.records import Purge
+from core.settings import ConversionSettings
 from core.webhooks import enqueue_delivery
-from worker.convert import Conversion, ConversionError, Failed, Limits, Rendered, open_image
+from worker.convert import Conversion, ConversionError, DecodeLimits, Failed, Rendered, open_image
+from worker.services import JobServices
 
 log = logging.getLogger(__name__)
 
@@ -78,43 +82,9 @@ class Ended(Exception):
     bucket copy, a lost EXEC answer). Nothing is left to do, and the set is served."""
 
 
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What a job talks to. The worker's composition root (`configure`) hands over the
-    settings once; the clients are built once per process that runs jobs, after the fork
-    (a minio client or a Redis connection must not cross one)."""
-
-    settings: Settings
-    store: Store
-    records: Records
-
-    _settings: ClassVar[Settings | None] = None
-    _built: ClassVar[tuple[int, Services] | None] = None
-
-    @classmethod
-    def configure(cls, settings: Settings) -> None:
-        cls._settings = settings
-        cls._built = None
-
-    @classmethod
-    def current(cls) -> Services:
-        """The process's services. Unconfigured (rq run without `python -m worker`, e.g.
-        tests in-process), every call builds them from the environment."""
-        if cls._settings is None:
-            return cls.build(Settings.from_env(os.environ))
-        pid = os.getpid()
-        if cls._built is None or cls._built[0] != pid:
-            cls._built = (pid, cls.build(cls._settings))
-        return cls._built[1]
-
-    @classmethod
-    def build(cls, settings: Settings) -> Services:
-        return cls(settings, Store.from_settings(settings), Records(connect(settings)))
-
-
 def convert(owner: str, image_id: str, gen: str = "", vset: str = "") -> None:
     """rq job: make one variant set (see the module docstring)."""
-    services = Services.current()
+    services = JobServices.current()
     if not gen:
         # Queued before incarnations existed: move the image to the current layout,
         # which queues its conversion anew.
@@ -124,9 +94,15 @@ def convert(owner: str, image_id: str, gen: str = "", vset: str = "") -> None:
 
 
 class ImageJob:
-    def __init__(self, services: Services, owner: str, image_id: str, gen: str, vset: str) -> None:
-        self.services = services
-        self.settings = services.settings
+    """One run of `convert` for set `vset` of incarnation `gen` of an image."""
+
+    def __init__(
+        self, services: JobServices, owner: str, image_id: str, gen: str, vset: str
+    ) -> None:
+        self.store = services.store
+        self.records = services.records
+        self.conversion = services.settings.conversion
+        self.webhooks = services.settings.webhooks
         self.keys = ObjectKeys(owner, image_id, gen)
         self.vset = vset
 
@@ -136,7 +112,7 @@ class ImageJob:
 
     def run(self) -> None:
         try:
-            record = self.services.records.get(self.keys.owner, self.keys.image_id)
+            record = self.records.get(self.keys.owner, self.keys.image_id)
             self._convert(record, self._target(record))
         except (Superseded, NotFound):
             log.info("%s: superseded (deleted, re-uploaded or reconverted)", self.name)
@@ -182,8 +158,8 @@ class ImageJob:
         profile_name = record.pending.profile if target == "pending" and record.pending else None
         profile_name = profile_name or record.profile
         try:
-            profile = self.settings.profiles.require(profile_name)
-        except BadRequest:
+            profile = current_profiles(self.conversion).require(profile_name)
+        except ProfileNotFound:
             self.fail(f"the profile {profile_name!r} no longer exists")
             return
         with tempfile.TemporaryDirectory(prefix="picstream-") as tmp:
@@ -191,7 +167,7 @@ class ImageJob:
             if conversion is None:
                 return
             self._start(conversion)
-            for result in conversion.render_all(self.settings.convert_threads):
+            for result in conversion.render_all(self.conversion.threads):
                 self._set_variant(self._store(result))
         self._finish()
 
@@ -199,8 +175,8 @@ class ImageJob:
         """Download and decode the original; a permanent failure is recorded -> None."""
         try:
             with open(path, "wb") as out:
-                self.services.store.download(self.keys.original, out)
-            limits = Limits(self.settings.max_pixels, self.settings.max_frames)
+                self.store.download(self.keys.original, out)
+            limits = DecodeLimits(self.conversion.max_pixels, self.conversion.max_frames)
             return open_image(path, record.format, profile, limits)
         except NotFound:
             # Deleted meanwhile (then the record is gone too), or lost from the bucket.
@@ -216,9 +192,7 @@ class ImageJob:
             return Variant(spec.name, "failed", format=spec.format, error=rendered.error)
         digest = blake3(rendered.data, max_threads=1).hexdigest()  # AUTO hangs after fork
         key = self.keys.variant(self.vset, spec.name)
-        self.services.store.put(
-            key, rendered.data, spec.encoder.content_type, {"picstream-blake3": digest}
-        )
+        self.store.put(key, rendered.data, spec.encoder.content_type, {"picstream-blake3": digest})
         return Variant(
             spec.name,
             "ready",
@@ -315,20 +289,21 @@ class ImageJob:
         also: Callable[[Pipeline, ImageRecord], object],
     ) -> ImageRecord:
         keys = self.keys
-        record = self.services.records.update(keys.owner, keys.image_id, change, also, keys.gen)
+        record = self.records.update(keys.owner, keys.image_id, change, also, keys.gen)
         if record is None:
             raise Superseded
         return record
 
     def _final_events(self, pipe: Pipeline, record: ImageRecord) -> None:
-        """The final status event and the webhook, in the same transaction as the state."""
+        """The final status event and the webhook, in the same transaction as the state. The
+        delivery waits on the webhook queue: a slow receiver never holds up a conversion."""
         events.append(pipe, record, events.status_event(record))
-        settings = self.settings
-        url = record.callback or dict(settings.webhooks).get(record.owner)
+        hooks = self.webhooks
+        url = record.callback or dict(hooks.owner_urls).get(record.owner)
         if url is None:
             return
-        queue = make_queue(self.services.records.redis, settings.queue, settings.job_timeout)
-        enqueue_delivery(queue, url, record, pipe, settings.webhook_retry_intervals)
+        queue = make_queue(self.records.redis, hooks.queue, self.conversion.job_timeout)
+        enqueue_delivery(queue, url, record, pipe, hooks.retry_intervals)
 
     # ------------------------------------------------------------------ bucket
 
@@ -336,33 +311,33 @@ class ImageJob:
         """Schedule the deletion of a replaced set: after RETIRE_GRACE, so that downloads
         which read the record just before the switch still find their object, and once
         more after any job still writing it has timed out."""
-        until = time.time() + self.settings.job_timeout + 60
+        until = time.time() + self.conversion.job_timeout + 60
         purge = Purge(record.keys.vset_prefix(vset), until)
-        self.services.records.schedule_purge(purge, time.time() + RETIRE_GRACE, pipe)
+        self.records.schedule_purge(purge, time.time() + RETIRE_GRACE, pipe)
 
     def _delete_set(self, vset: str) -> None:
         """Best effort: the purge scheduled with the change deletes it later otherwise."""
         try:
-            self.services.store.delete_prefix(self.keys.vset_prefix(vset))
+            self.store.delete_prefix(self.keys.vset_prefix(vset))
         except PicstreamError as exc:
             log.warning("could not delete set %s of %s: %s", vset, self.name, exc.detail)
 
     def _mirror(self, record: ImageRecord) -> None:
         """Bring the bucket copy of the record in step with Redis."""
-        self.services.store.put_json(self.keys.record, record.to_dict())
+        self.store.put_json(self.keys.record, record.to_dict())
         try:
-            now = self.services.records.get(self.keys.owner, self.keys.image_id)
+            now = self.records.get(self.keys.owner, self.keys.image_id)
             alive = now.gen == self.keys.gen
         except NotFound:
             alive = False
         if not alive:
             # Deleted between our update and the PUT: do not leave a copy behind.
-            self.services.store.delete(self.keys.record)
+            self.store.delete(self.keys.record)
 
     def _mirror_again(self) -> None:
         """The bucket copy of the record as it is now, if it still is our incarnation."""
         try:
-            record = self.services.records.get(self.keys.owner, self.keys.image_id)
+            record = self.records.get(self.keys.owner, self.keys.image_id)
         except NotFound:
             return
         if record.gen == self.keys.gen:
@@ -372,6 +347,21 @@ class ImageJob:
         """After Superseded: this job's set is listed by no record; delete its objects."""
         if self.vset:
             self._delete_set(self.vset)
+
+
+def current_profiles(conversion: ConversionSettings) -> Profiles:
+    """The profiles file as it is now: workers read it for every job, so an edited file
+    applies from the next conversion on, without a restart (the API reads it at start-up).
+    A file that no longer reads or parses leaves the profiles read at start-up in force,
+    with an error in the log: conversions go on with the last profiles known to be good."""
+    path = conversion.profiles_path
+    if not path:
+        return conversion.profiles
+    try:
+        return load_profiles(path)
+    except (OSError, ProfileError, UnicodeDecodeError) as exc:
+        log.error("PICSTREAM_PROFILES %s: %s; using the profiles read at start-up", path, exc)
+        return conversion.profiles
 
 
 def _ended(record: ImageRecord) -> bool:
@@ -430,7 +420,7 @@ def give_up(job: Job, reason: str) -> None:
     """Record `reason` for the job's set. Never raises: this runs inside rq's bookkeeping."""
     kwargs = job.kwargs
     try:
-        services = Services.current()
+        services = JobServices.current()
         owner, image_id = kwargs["owner"], kwargs["image_id"]
         # A legacy job ({owner, image_id}: queued before incarnations) names gen "" and
         # set "", which is what a legacy record has: it is failed in place, unless it was

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import urllib3
 
-from core.settings import Settings
-from core.webhooks import check_url, signature
+from core.webhooks import Event, check_url, event_in, signature
+from worker.services import JobServices
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +19,20 @@ class DeliveryFailed(Exception):
     """The receiver did not answer 2xx; rq retries the job with backoff."""
 
 
-def deliver(url: str, body: str, image_id: str) -> None:
-    settings = Settings.from_env(os.environ)
+def deliver(url: str, body: str, image_id: str, event: Event | None = None) -> None:
+    """rq job: POST `body`, signed, to `url`. `event` is the event the body announces;
+    deliveries queued by the previous version do not name it, and it is read from the body."""
+    hooks = JobServices.configured_settings().webhooks
     # The allow-list is checked again at delivery: it may have shrunk since the upload.
-    check_url(url, settings.webhook_hosts)
-    secret = settings.webhook_secret
-    if secret is None:
+    check_url(url, hooks.hosts)
+    if hooks.secret is None:
         raise DeliveryFailed("PICSTREAM_WEBHOOK_SECRET is not set")
-    event = "image." + ("ready" if '"type":"image.ready"' in body else "failed")
+    event = event or event_in(body)
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "picstream-webhook/1",
         "X-Picstream-Event": event,
-        "X-Picstream-Signature": signature(secret, int(time.time()), body),
+        "X-Picstream-Signature": signature(hooks.secret, int(time.time()), body),
     }
     with urllib3.PoolManager(retries=False, timeout=TIMEOUT) as pool:
         try:

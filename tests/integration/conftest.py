@@ -16,14 +16,14 @@ from redis import Redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from api.app import create_app
-from api.main import build_services
-from api.uploads import Services
-from core.jobs import make_queue
+from api.app import Collaborators, create_app
+from api.main import build_collaborators
 from core.settings import Settings
 from core.storage import Store
 from tests import servers
 from tests.http import Api
+from worker.__main__ import listened_queues
+from worker.services import JobServices
 
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef00"
@@ -114,9 +114,9 @@ def clean(store: Store, redis_client: Redis) -> None:
         store.delete(key)
 
 
-def close_services(services: Services) -> None:
+def close_services(services: Collaborators) -> None:
     """Stop the thread pools and close every pooled connection (no ResourceWarnings)."""
-    services.executor.shutdown(wait=True)
+    services.part_uploads.shutdown(wait=True)
     services.download_pool.shutdown(wait=True)
     services.records.redis.close()
     services.records.redis.connection_pool.disconnect()
@@ -124,14 +124,14 @@ def close_services(services: Services) -> None:
 
 
 @pytest.fixture(scope="session")
-def services(settings: Settings, store: Store) -> Iterator[Services]:
-    built = build_services(settings)
+def services(settings: Settings, store: Store) -> Iterator[Collaborators]:
+    built = build_collaborators(settings)
     yield built
     close_services(built)
 
 
 @pytest.fixture()
-def client(services: Services) -> falcon.testing.TestClient:
+def client(services: Collaborators) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(services))
 
 
@@ -165,27 +165,30 @@ def start_api(
         server.stop()
 
 
+ConfigureJobs = Callable[[Settings], None]
+
+
 @pytest.fixture()
-def worker_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The test settings in os.environ: a job run in-process reads its settings there,
-    as `python -m worker` does."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
+def configure_jobs(settings: Settings) -> Iterator[ConfigureJobs]:
+    """The worker's composition root for jobs run in this process: the jobs get the test
+    settings, as `python -m worker` hands them its own. Call the fixture's value with other
+    Settings to change what the jobs see (an S3 outage, a profiles file); the jobs are
+    unconfigured again after the test."""
+    JobServices.configure(settings)
+    yield JobServices.configure
+    JobServices.configure(None)
 
 
 @pytest.fixture()
 def run_jobs(
-    worker_env: dict[str, str], redis_client: Redis, settings: Settings
+    configure_jobs: ConfigureJobs, redis_client: Redis, settings: Settings
 ) -> Callable[[], None]:
-    """Run every queued conversion in-process: rq's SimpleWorker in burst mode on both
-    queues (fresh uploads first), enqueuing retries that are due before it starts."""
+    """Run every queued job in-process: rq's SimpleWorker in burst mode on the worker's
+    queues in the worker's order (fresh uploads, webhook deliveries, bulk reconversion),
+    enqueuing retries that are due before it starts."""
 
     def run() -> None:
-        queues = [
-            make_queue(redis_client, name, settings.job_timeout)
-            for name in (settings.queue, settings.bulk_queue)
-        ]
+        queues = listened_queues(settings, redis_client)
         worker = SimpleWorker(queues, connection=redis_client, serializer=JSONSerializer)
         worker.work(burst=True, with_scheduler=True, logging_level="WARNING")
 
@@ -197,10 +200,10 @@ def client_with(
     env: dict[str, str], store: Store
 ) -> Iterator[Callable[..., falcon.testing.TestClient]]:
     """An in-process app with settings overridden (PICSTREAM_PROFILES=..., limits...)."""
-    built: list[Services] = []
+    built: list[Collaborators] = []
 
     def make(**overrides: str) -> falcon.testing.TestClient:
-        services = build_services(Settings.from_env({**env, **overrides}))
+        services = build_collaborators(Settings.from_env({**env, **overrides}))
         built.append(services)
         return falcon.testing.TestClient(create_app(services))
 

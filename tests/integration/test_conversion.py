@@ -1,5 +1,6 @@
 """Conversion jobs against the real Redis and S3: uploads through the in-process app, jobs run
-in-process by rq's SimpleWorker (burst), the worker's settings read from os.environ."""
+in-process by rq's SimpleWorker (burst), the worker's services configured with the test
+settings (`configure_jobs`), as `python -m worker` configures them with its own."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from core.settings import Settings
 from core.storage import Store
 from tests import pixels
 from tests.faults import Outage
-from tests.integration.conftest import ALICE_KEY, BOB_KEY
+from tests.integration.conftest import ALICE_KEY, BOB_KEY, ConfigureJobs
 from tests.keys import keys_of, variant_key
-from worker.jobs import RETIRE_GRACE, ImageJob, Services, conversion_failed, horse_killed
+from worker.jobs import RETIRE_GRACE, ImageJob, conversion_failed, horse_killed
+from worker.services import JobServices
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 RunJobs = Callable[[], None]
@@ -81,12 +83,12 @@ def stream_of(redis_client: Redis, image_id: str) -> str:
 
 
 @pytest.fixture()
-def profiles(tmp_path: Path, worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
-    """A profiles file with `default` and `thumbs`, named in the worker's environment; the
+def profiles(tmp_path: Path, env: dict[str, str], configure_jobs: ConfigureJobs) -> str:
+    """A profiles file with `default` and `thumbs`, named in the worker's settings; the
     test's app gets it through `client_with(PICSTREAM_PROFILES=...)`."""
     path = tmp_path / "profiles.toml"
     path.write_text(PROFILES)
-    monkeypatch.setenv("PICSTREAM_PROFILES", str(path))
+    configure_jobs(Settings.from_env({**env, "PICSTREAM_PROFILES": str(path)}))
     return str(path)
 
 
@@ -288,7 +290,6 @@ class DeletingStore(Store):
 
 def test_a_record_deleted_mid_job_ends_it_quietly_and_removes_its_variants(
     client: falcon.testing.TestClient,
-    worker_env: dict[str, str],
     store: Store,
     redis_client: Redis,
     settings: Settings,
@@ -296,7 +297,7 @@ def test_a_record_deleted_mid_job_ends_it_quietly_and_removes_its_variants(
     record = upload(client, pixels.save(pixels.marked(), "PNG"))
     image_id = record["id"]
     deleting = DeletingStore(store, redis_client, f"picstream:image:alice:{image_id}")
-    services = Services(settings, deleting, Records(connect(settings)))
+    services = JobServices(settings, deleting, Records(connect(settings)))
     job = ImageJob(services, "alice", image_id, record["gen"], record["vset"])
     job.run()  # no exception: deletion is not an error
     assert deleting.written  # it had written a variant before it noticed
@@ -311,7 +312,8 @@ def test_a_transient_s3_outage_is_retried_and_completes(
     client: falcon.testing.TestClient,
     run_jobs: RunJobs,
     s3_server: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    configure_jobs: ConfigureJobs,
+    env: dict[str, str],
     redis_client: Redis,
     settings: Settings,
 ) -> None:
@@ -319,7 +321,8 @@ def test_a_transient_s3_outage_is_retried_and_completes(
     job_id = make_queue(redis_client, settings.queue, 60).job_ids[0]
     outage = Outage(s3_server.port, down=True)
     try:
-        monkeypatch.setenv("S3_ENDPOINT", outage.endpoint)  # the worker's view of S3
+        # The worker's view of S3 goes through the outage.
+        configure_jobs(Settings.from_env({**env, "S3_ENDPOINT": outage.endpoint}))
         run_jobs()
         assert outage.connections > 0
         assert get(client, image_id)["status"] == "processing"  # waiting for its retry
@@ -340,13 +343,14 @@ def test_s3_down_for_good_ends_failed_once_the_retries_are_spent(
     client_with: ClientWith,
     run_jobs: RunJobs,
     s3_server: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    configure_jobs: ConfigureJobs,
+    env: dict[str, str],
 ) -> None:
     client = client_with(PICSTREAM_RETRY_INTERVALS="0")  # one immediate retry
     image_id = upload(client, pixels.save(pixels.marked(), "PNG"))["id"]
     outage = Outage(s3_server.port, down=True)
     try:
-        monkeypatch.setenv("S3_ENDPOINT", outage.endpoint)
+        configure_jobs(Settings.from_env({**env, "S3_ENDPOINT": outage.endpoint}))
         run_until(run_jobs, lambda: get(client, image_id)["status"] != "processing")
     finally:
         outage.close()
@@ -487,7 +491,7 @@ def test_fresh_uploads_are_converted_before_reconversions(
 )
 def test_the_last_failed_attempt_records_failed(
     client: falcon.testing.TestClient,
-    worker_env: dict[str, str],
+    configure_jobs: ConfigureJobs,
     redis_client: Redis,
     settings: Settings,
     hook: Callable[[Job], None],

@@ -21,8 +21,8 @@ import urllib3
 from PIL import Image
 
 from api import splice
-from api.serving import original_blob
-from api.uploads import Services
+from api.app import Collaborators
+from api.files import original_blob
 from core.storage import ObjectStream, OpenObject, Store
 from tests import servers
 from tests.faults import Outage
@@ -144,7 +144,7 @@ def test_store_down_in_process_is_a_503_problem(
 
 
 def test_a_file_missing_from_the_store_is_a_404_problem(
-    api: Api, store: Store, services: Services
+    api: Api, store: Store, services: Collaborators
 ) -> None:
     image_id = api.upload(png(8, 8)).json["id"]
     store.delete(original_blob(services.records.get("alice", image_id)).key)
@@ -156,7 +156,7 @@ def test_a_file_missing_from_the_store_is_a_404_problem(
 
 
 def test_a_file_that_no_longer_matches_its_record_is_a_503_problem(
-    api: Api, store: Store, services: Services
+    api: Api, store: Store, services: Collaborators
 ) -> None:
     image_id = api.upload(png(8, 8)).json["id"]
     blob = original_blob(services.records.get("alice", image_id))
@@ -217,7 +217,7 @@ def receive(sock: socket.socket, size: int) -> Callable[[], bytes]:
 
 
 def test_the_splice_relay_gets_the_socket_of_a_real_s3_response(
-    api: Api, store: Store, services: Services, s3_server: servers.Server
+    api: Api, store: Store, services: Collaborators, s3_server: servers.Server
 ) -> None:
     body = Body(2 * MiB + 3).read_all()
     blob = original_blob(services.records.get("alice", api.upload(body).json["id"]))
@@ -240,7 +240,7 @@ def test_the_splice_relay_gets_the_socket_of_a_real_s3_response(
 
 
 def test_without_a_plain_socket_the_splice_path_falls_back_to_copying(
-    services: Services,
+    services: Collaborators,
 ) -> None:
     # A real urllib3 response whose body is no socket: what raw_body() finds when urllib3
     # or http.client change shape (or the store speaks TLS). The relay must still serve.

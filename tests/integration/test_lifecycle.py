@@ -36,7 +36,8 @@ from tests.http import Api
 from tests.images import Body
 from tests.integration.conftest import ALICE_KEY
 from tests.keys import keys_of, variant_key
-from worker.jobs import RETIRE_GRACE, ImageJob, Services
+from worker.jobs import RETIRE_GRACE, ImageJob
+from worker.services import JobServices
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 RunJobs = Callable[[], None]
@@ -148,7 +149,7 @@ def test_a_conversion_of_a_deleted_image_never_writes_into_its_successor(
         assert client.simulate_delete("/v1/images/x", headers=AS_ALICE).status_code == 204
         assert put(client, "x", portrait()).status_code == 201
 
-    services = Services(
+    services = JobServices(
         settings, ActingStore(store, delete_and_reupload), Records(redis_client)
     )
     ImageJob(services, "alice", "x", old["gen"], old["vset"]).run()  # the old job, mid-way
@@ -278,7 +279,7 @@ def test_a_reconvert_during_the_first_conversion_supersedes_it_without_a_failure
         resp = client.simulate_post("/v1/images/x/reconvert", headers=AS_ALICE)
         assert resp.status_code == 202
 
-    services = Services(settings, ActingStore(store, reconvert), Records(redis_client))
+    services = JobServices(settings, ActingStore(store, reconvert), Records(redis_client))
     ImageJob(services, "alice", "x", first["gen"], first["vset"]).run()
     assert get(client, "x")["status"] == "processing"  # the reconversion ends this run
     run_jobs()

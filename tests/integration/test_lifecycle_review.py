@@ -24,9 +24,8 @@ from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from api.app import create_app
-from api.main import build_services
-from api.uploads import Services as ApiServices
+from api.app import Collaborators, create_app
+from api.main import build_collaborators
 from core import janitor
 from core.errors import QueueUnavailable, StorageUnavailable
 from core.events import events_key
@@ -41,10 +40,10 @@ from core.storage import Store
 from tests import pixels, servers
 from tests.faults import Outage, Stall
 from tests.http import Api
-from tests.integration.conftest import ALICE_KEY, close_services
+from tests.integration.conftest import ALICE_KEY, ConfigureJobs, close_services
 from tests.keys import keys_of, variant_key
 from worker.jobs import ImageJob, conversion_failed
-from worker.jobs import Services as JobServices
+from worker.services import JobServices
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 RunJobs = Callable[[], None]
@@ -237,7 +236,7 @@ def test_a_job_run_again_after_it_finished_changes_nothing_and_ends_nothing_twic
     store: Store,
     s3_outage: Outage,
     redis_client: Redis,
-    worker_env: dict[str, str],
+    configure_jobs: ConfigureJobs,
 ) -> None:
     """The record switched to `ready` (with its final event and webhook), then the bucket
     copy could not be written: the job raised and rq runs it again. The retry must not
@@ -321,7 +320,7 @@ def test_a_legacy_job_that_gives_up_does_not_leave_its_image_processing(
     store: Store,
     settings: Settings,
     redis_client: Redis,
-    worker_env: dict[str, str],
+    configure_jobs: ConfigureJobs,
 ) -> None:
     """A conversion queued by the previous version ({owner, image_id}) whose last attempt
     failed: the image must end `failed`, not stay `processing` with nothing queued."""
@@ -514,7 +513,7 @@ def test_a_delete_committed_before_redis_went_away_is_answered_as_done(
     will be purged, so the answer is 202, not 503."""
     redis_url = f"redis://127.0.0.1:{redis_outage.port}/0"
     settings = Settings.from_env({**env, "S3_ENDPOINT": s3_outage.endpoint, "REDIS_URL": redis_url})
-    services: ApiServices = build_services(settings)
+    services: Collaborators = build_collaborators(settings)
     try:
 
         def both_down() -> None:

@@ -22,10 +22,9 @@ import yaml
 from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
-from api.app import create_app
+from api.app import Collaborators, create_app
 from api.errors import TABLE, TYPE_PREFIX
 from api.openapi import load_document
-from api.uploads import Services
 from tests import images, servers
 from tests.http import Api
 from tests.integration.conftest import ALICE_KEY
@@ -76,7 +75,7 @@ def test_the_exemption_from_auth_is_that_path_alone(api: Api) -> None:
     assert api.request("GET", "/v1/images", key=None).status == 401
 
 
-def test_every_route_and_method_is_documented_and_nothing_else(services: Services) -> None:
+def test_every_route_and_method_is_documented_and_nothing_else(services: Collaborators) -> None:
     """The app's routes (falcon's public inspect API) and the methods each resource
     implements (`on_get`...; falcon's own OPTIONS/405 responders are not ours) equal the
     document's paths and operations, both ways."""

@@ -21,6 +21,7 @@ from rq import Worker
 from rq.scheduler import RQScheduler
 
 from core.records import Records
+from core.settings import Settings
 from core.storage import Store
 from tests import images, servers
 from tests.integration.conftest import ALICE_KEY
@@ -154,6 +155,16 @@ def test_the_rq_methods_the_worker_overrides_still_exist() -> None:
     used = ("register_birth", "key", "is_horse", "scheduler", "stop_scheduler")
     idle = Worker(["q"], connection=Redis(), prepare_for_work=False)
     assert all(hasattr(idle, name) for name in used)
+
+
+def test_the_rq_worker_drains_uploads_then_deliveries_then_reconversions(
+    start_worker: StartWorker, redis_client: Redis, settings: Settings
+) -> None:
+    """rq drains the queues a worker listens on strictly in order: a webhook delivery (a
+    slow receiver) never waits in front of a fresh upload, bulk work in front of neither."""
+    pid = rq_worker(start_worker(), redis_client)
+    (worker,) = [w for w in Worker.all(connection=redis_client) if w.pid == pid]
+    assert worker.queue_names() == [settings.queue, settings.webhook_queue, settings.bulk_queue]
 
 
 def test_a_killed_rq_worker_is_restarted_and_converts(

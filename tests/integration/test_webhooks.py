@@ -14,9 +14,17 @@ from urllib.parse import quote
 
 import pytest
 from PIL import Image
+from redis import Redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
+from core.jobs import make_queue
+from core.settings import Settings
+from core.webhooks import DELIVER
 from tests import servers
 from tests.http import Api
+from tests.integration.conftest import ConfigureJobs
 
 SECRET = "webhook-secret-for-tests-0123456789abcdef"
 
@@ -57,20 +65,25 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture()
-def hooked(
-    start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
-    env: dict[str, str],
-    receiver: Receiver,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Api:
-    """An API (and, through os.environ, in-process jobs) with webhooks to the receiver."""
-    extra = {
+def hook_env(
+    env: dict[str, str], receiver: Receiver, configure_jobs: ConfigureJobs
+) -> dict[str, str]:
+    """The test settings with webhooks to the receiver allowed; in-process jobs get them."""
+    hooked = {
+        **env,
         "PICSTREAM_WEBHOOK_HOSTS": f"127.0.0.1:{receiver.port}",
         "PICSTREAM_WEBHOOK_SECRET": SECRET,
     }
-    for name, value in extra.items():
-        monkeypatch.setenv(name, value)
-    _, api = start_api({**env, **extra})
+    configure_jobs(Settings.from_env(hooked))
+    return hooked
+
+
+@pytest.fixture()
+def hooked(
+    start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]], hook_env: dict[str, str]
+) -> Api:
+    """An API (and in-process jobs) with webhooks to the receiver."""
+    _, api = start_api(hook_env)
     return api
 
 
@@ -124,4 +137,62 @@ def test_callbacks_outside_the_allow_list_are_refused_before_upload(hooked: Api,
     resp = hooked.upload(photo(), query=f"?callback={quote(url, safe='')}")
     assert resp.status == 400
     assert resp.header("Content-Type") == "application/problem+json"
+    assert resp.json["type"] == "urn:picstream:problem:bad-request"  # clients match on it
     assert hooked.request("GET", "/v1/images").json["images"] == []
+
+
+def test_a_delivery_waits_on_the_webhook_queue_behind_fresh_conversions(
+    hooked: Api,
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    """A delivery is queued on the webhook queue, not on the conversions': a slow receiver
+    never sits in front of an upload's conversion, and the worker converts first."""
+    url = f"http://127.0.0.1:{receiver.port}/hooks/picstream"
+    hooked_upload = hooked.upload(photo(), query=f"?callback={quote(url, safe='')}")
+    assert hooked_upload.status == 201, hooked_upload.body
+    conversions = make_queue(redis_client, settings.queue, 60)
+    convert_only = SimpleWorker([conversions], connection=redis_client, serializer=JSONSerializer)
+    convert_only.work(burst=True, logging_level="WARNING")
+
+    deliveries = make_queue(redis_client, settings.webhook_queue, 60)
+    (delivery,) = deliveries.get_jobs()
+    assert delivery.func_name == DELIVER
+    assert delivery.kwargs["event"] == "image.ready"
+    assert conversions.count == 0 and receiver.received == []
+
+    later = hooked.upload(photo())  # converted before the delivery waiting since
+    assert later.status == 201, later.body
+    (conversion_id,) = conversions.job_ids
+    run_jobs()
+    assert len(receiver.received) == 1
+    headers, body = receiver.received[0]
+    assert headers["x-picstream-event"] == "image.ready" and verify(headers, body)
+    converted, delivered = (
+        Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+        for job_id in (conversion_id, delivery.id)
+    )
+    assert converted.ended_at is not None and delivered.started_at is not None
+    assert converted.ended_at <= delivered.started_at
+    assert hooked.request("GET", f"/v1/images/{later.json['id']}").json["status"] == "ready"
+
+
+def test_a_delivery_queued_by_the_previous_version_is_still_sent(
+    hook_env: dict[str, str],
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    """Deliveries queued before the webhook queue existed wait on the conversion queue and
+    name no event: the worker still sends them, with the event their body announces."""
+    url = f"http://127.0.0.1:{receiver.port}/hooks/picstream"
+    body = json.dumps({"type": "image.failed", "record": {"id": "old"}}, separators=(",", ":"))
+    legacy = {"url": url, "body": body, "image_id": "old"}
+    make_queue(redis_client, settings.queue, 60).enqueue_call(DELIVER, kwargs=legacy)
+    run_jobs()
+    ((headers, sent),) = receiver.received
+    assert sent == body.encode() and verify(headers, sent)
+    assert headers["x-picstream-event"] == "image.failed"

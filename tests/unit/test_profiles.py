@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import BadRequest
+from core.errors import BadRequest, ProfileNotFound
 from core.profiles import ProfileError, Size, default_profiles, parse_profiles
 from core.settings import ConfigError, Settings
 
@@ -78,8 +78,9 @@ def test_conditional_outputs_and_overrides() -> None:
 
 
 def test_unknown_profile_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match=r"unknown profile .nope.*default"):
+    with pytest.raises(ProfileNotFound, match=r"unknown profile .nope.*default") as info:
         default_profiles().require("nope")
+    assert isinstance(info.value, BadRequest)  # what callers that only need "400" catch
 
 
 @pytest.mark.parametrize(

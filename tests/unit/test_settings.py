@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import BadRequest
+from core.errors import InvalidWebhookUrl, WebhookHostNotAllowed
 from core.settings import ConfigError, Settings
 from core.webhooks import check_url, host_allowed
 
@@ -50,6 +50,7 @@ def test_sizes_and_keys() -> None:
         ({"S3_BUCKET": "Bad_Bucket"}, "S3_BUCKET"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
         ({"PICSTREAM_READ_TIMEOUT": "-1"}, "PICSTREAM_READ_TIMEOUT"),
+        ({"PICSTREAM_WEBHOOK_QUEUE": "no spaces"}, "PICSTREAM_WEBHOOK_QUEUE"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], named: str) -> None:
@@ -99,7 +100,7 @@ def test_webhook_hosts_refuse(hosts: str, url: str) -> None:
     env = {**BASE, **SECRET, "PICSTREAM_WEBHOOK_HOSTS": hosts}
     with pytest.raises(ConfigError, match="not on PICSTREAM_WEBHOOK_HOSTS"):
         Settings.from_env({**env, "PICSTREAM_WEBHOOKS": f"alice={url}"})
-    with pytest.raises(BadRequest, match="not on PICSTREAM_WEBHOOK_HOSTS"):
+    with pytest.raises(WebhookHostNotAllowed, match="not on PICSTREAM_WEBHOOK_HOSTS"):
         check_url(url, frozenset({hosts}))
 
 
@@ -114,7 +115,7 @@ def test_webhook_hosts_refuse(hosts: str, url: str) -> None:
 )
 def test_unreadable_webhook_ports(url: str) -> None:
     hosts = frozenset({"hooks.example", "127.0.0.1", "[::1]"})
-    with pytest.raises(BadRequest, match="invalid host or port"):
+    with pytest.raises(InvalidWebhookUrl, match="invalid host or port"):
         check_url(url, hosts)
     env = {**BASE, **SECRET, "PICSTREAM_WEBHOOK_HOSTS": ",".join(hosts)}
     with pytest.raises(ConfigError, match="PICSTREAM_WEBHOOKS"):
@@ -123,5 +124,46 @@ def test_unreadable_webhook_ports(url: str) -> None:
 
 @pytest.mark.parametrize("url", ["http://[::1/", "http://[not-an-address]/"])
 def test_unreadable_webhook_hosts(url: str) -> None:
-    with pytest.raises(BadRequest, match="invalid host or port"):
+    with pytest.raises(InvalidWebhookUrl, match="invalid host or port"):
         check_url(url, frozenset({"[::1]"}))
+
+
+@pytest.mark.parametrize(
+    "queues",
+    [
+        {"PICSTREAM_WEBHOOK_QUEUE": "convert"},
+        {"PICSTREAM_WEBHOOK_QUEUE": "reconvert"},
+        {"PICSTREAM_QUEUE": "jobs", "PICSTREAM_WEBHOOK_QUEUE": "jobs"},
+    ],
+)
+def test_the_webhook_queue_is_a_queue_of_its_own(queues: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match="PICSTREAM_WEBHOOK_QUEUE must differ"):
+        Settings.from_env({**BASE, **queues})
+
+
+def test_each_concern_reads_as_one_view() -> None:
+    s = Settings.from_env(
+        {
+            **BASE,
+            **SECRET,
+            "S3_SECRET_KEY": "storage-secret-0123",
+            "PICSTREAM_WEBHOOK_HOSTS": "hooks.example",
+            "PICSTREAM_SIGNING_KEY": "k" * 32,
+        }
+    )
+    assert (s.conversion.queue, s.webhooks.queue, s.conversion.bulk_queue) == (
+        "convert",
+        "webhooks",
+        "reconvert",
+    )
+    assert s.webhooks.hosts == frozenset({"hooks.example"}) and s.webhooks.secret == b"s" * 32
+    assert (s.storage.endpoint, s.storage.secret_key) == (
+        "http://127.0.0.1:8333",
+        "storage-secret-0123",
+    )
+    assert (s.web.port, s.web.threads, s.conversion.threads) == (8000, 96, 2)
+    assert s.conversion.profiles is s.profiles and s.conversion.profiles_path == ""
+    # A logged view shows no secret, as a logged Settings shows none.
+    shown = repr(s) + repr(s.storage) + repr(s.web) + repr(s.webhooks)
+    for secret in ("storage-secret-0123", "s" * 32, "k" * 32):
+        assert secret not in shown

@@ -1,0 +1,112 @@
+"""The image resources: `/v1/images` (list, upload) and `/v1/images/{id}` (read, upload
+under an id, delete). Each parses the request, calls its use case (api/uploads.py,
+api/listing.py, api/deletion.py) and shapes the response. Nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from api.body import upload_body
+from api.deletion import Deletion
+from api.digest import parse_repr_digest
+from api.limits import Slots
+from api.listing import Listing
+from api.signed_links import SignedLinks
+from api.uploads import Uploads
+from api.views import record_json
+from core.models import ImageRecord, validate_image_id
+from core.profiles import Profiles
+from core.records import Records
+from core.webhooks import check_url
+
+
+class UploadRequests:
+    """The HTTP side of an upload, the same for POST and PUT: `?profile=` and `Repr-Digest`
+    are checked first; then, holding one of `slots`, the body is opened, `?callback=URL` is
+    checked against the webhook allow-list, and the use case reads the body."""
+
+    def __init__(
+        self,
+        uploads: Uploads,
+        slots: Slots,
+        profiles: Profiles,
+        *,
+        read_timeout: float,
+        webhook_hosts: frozenset[str],
+    ) -> None:
+        self.uploads = uploads
+        self.slots = slots
+        self.profiles = profiles
+        self.read_timeout = read_timeout
+        self.webhook_hosts = webhook_hosts
+
+    def create(self, req: falcon.Request) -> ImageRecord:
+        profile = self.profiles.require(req.get_param("profile"))
+        digests = parse_repr_digest(req.get_header("Repr-Digest"))
+        with self.slots.hold():
+            body = upload_body(req, self.read_timeout)
+            return self.uploads.create(
+                req.context.owner, body, digests, profile, self._callback(req)
+            )
+
+    def put(self, req: falcon.Request, image_id: str) -> tuple[ImageRecord, bool]:
+        profile = self.profiles.require(req.get_param("profile"))
+        digests = parse_repr_digest(req.get_header("Repr-Digest"))
+        with self.slots.hold():
+            body = upload_body(req, self.read_timeout)
+            return self.uploads.put(
+                req.context.owner, image_id, body, digests, profile, self._callback(req)
+            )
+
+    def _callback(self, req: falcon.Request) -> str | None:
+        url = req.get_param("callback")
+        return check_url(url, self.webhook_hosts) if url else None
+
+
+class Images:
+    """/v1/images"""
+
+    def __init__(self, listing: Listing, uploads: UploadRequests) -> None:
+        self.listing = listing
+        self.uploads = uploads
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = req.get_param_as_int("limit", min_value=1, max_value=1000, default=50)
+        records, next_cursor = self.listing.page(req.context.owner, limit, req.get_param("cursor"))
+        page: dict[str, Any] = {"images": [record_json(req, r) for r in records]}
+        page["next_cursor"] = next_cursor
+        resp.media = page
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        record = self.uploads.create(req)
+        resp.status = falcon.HTTP_201
+        resp.location = f"/v1/images/{record.id}"
+        resp.media = record_json(req, record)
+
+
+class Image:
+    """/v1/images/{image_id}"""
+
+    def __init__(
+        self, records: Records, links: SignedLinks, uploads: UploadRequests, deletion: Deletion
+    ) -> None:
+        self.records = records
+        self.links = links
+        self.uploads = uploads
+        self.deletion = deletion
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        record = self.records.get(req.context.owner, validate_image_id(image_id))
+        resp.media = record_json(req, record, self.links.signer(req))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        done = self.deletion.delete_image(req.context.owner, validate_image_id(image_id))
+        resp.status = falcon.HTTP_204 if done else falcon.HTTP_202
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        record, created = self.uploads.put(req, validate_image_id(image_id))
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.location = f"/v1/images/{record.id}"
+        resp.media = record_json(req, record)
