@@ -13,7 +13,7 @@ from typing import Any
 
 import falcon
 
-from api.body import body_unread, force_close
+from api.gunicorn import body_unread, force_close
 from core import errors as e
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _close_if_body_unread(req: falcon.Request, resp: falcon.Response, always: bo
     any row of the table (and falcon's own errors) can be answered before the body was read
     (`Busy`, `Unauthorized`, `TooLarge`...) or after (`Conflict`, `DigestMismatch`), so
     the body itself is asked. The header tells clients and servers that honour it;
-    gunicorn ignores it and needs `force_close` (api/body.py).
+    gunicorn ignores it and needs `force_close` (api/gunicorn.py).
     """
     if always or body_unread(req.env):
         resp.set_header("Connection", "close")

@@ -34,18 +34,35 @@ gunicorn/http/wsgi.py, gunicorn/util.py), each reproduced against this app:
 
 Behind nginx on a unix socket none of this applies (nginx reads eagerly and has its own
 timeouts); on a platform without TCP_USER_TIMEOUT the first part is skipped with a warning.
+
+This module is also the one adapter to gunicorn's private objects; nothing else in the app
+touches them:
+
+- `socket_body()`: a Content-Length body read with recv_into straight from the client's
+  socket (`SocketBody`), through gunicorn's Body -> LengthReader -> SocketUnreader.
+- `body_unread()`: whether gunicorn's LengthReader/ChunkedReader has reached the body's end.
+- `force_close()`: gunicorn's Response, reached through the `wsgi.early_hints` closure.
+
+Each checks the exact shape it relies on and falls back to the portable way when it does not
+find it; under gunicorn such a fallback is logged as a warning once per process, and the
+fast path once when first taken. tests/unit/test_adapters.py checks the shapes against the
+installed gunicorn, and tests/integration/test_fast_paths.py that a real gunicorn takes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import io
 import logging
 import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+from core.errors import ClientDisconnected, ClientTimeout
 
 log = logging.getLogger(__name__)
 
@@ -167,3 +184,155 @@ class SentBody:
             if self.shut_read_side:
                 with contextlib.suppress(OSError):  # already gone
                     self.sock.shutdown(socket.SHUT_RD)
+
+
+# Log lines the fast-path tests look for in a real gunicorn's output: keep them in step.
+RECV_INTO_TAKEN = "request bodies with Content-Length are read with recv_into"
+RECV_INTO_MISSED = "gunicorn's body reader has an unexpected shape"
+FORCE_CLOSE_MISSED = "gunicorn's Response is not reachable through wsgi.early_hints"
+
+
+def set_read_timeout(env: Mapping[str, Any], seconds: float) -> None:
+    """Give the client's socket a read timeout for the body.
+
+    gunicorn sets none: a client that stalls would hold this thread forever. With one set,
+    the stalled read raises TimeoutError (-> 408)."""
+    sock = env.get("gunicorn.socket")
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
+def body_read_error(exc: BaseException) -> Exception:
+    """What a failed body read means to the client."""
+    if isinstance(exc, TimeoutError):
+        return ClientTimeout("the client sent no data for too long; upload cancelled")
+    # gunicorn raises NoMoreData (an OSError) or a chunk parse error when the client goes
+    # away or sends a broken chunked body.
+    return ClientDisconnected(f"the request body could not be read ({type(exc).__name__})")
+
+
+def socket_body(env: Mapping[str, Any], length: int) -> SocketBody | None:
+    """The fast reader of a Content-Length body, or None: the caller then reads
+    `wsgi.input` the portable way."""
+    body = SocketBody.attach(env, length)
+    if body is not None:
+        _log_once(logging.INFO, RECV_INTO_TAKEN)
+    elif "gunicorn.socket" in env:
+        _log_once(logging.WARNING, f"{RECV_INTO_MISSED}: uploads are copied through it")
+    return body
+
+
+@functools.cache
+def _log_once(level: int, message: str) -> None:
+    log.log(level, message)
+
+
+class SocketBody:
+    """A Content-Length body read with recv_into from gunicorn's socket.
+
+    gunicorn's own body reader copies every byte about six times through BytesIO buffers,
+    which cost more CPU than hashing and uploading together (bench/upload.py). Bytes gunicorn
+    already buffered (read together with the headers) are served first; the count is written
+    back to gunicorn's LengthReader so keep-alive finds the body consumed. Only attached when
+    gunicorn's objects have exactly the expected shape.
+    """
+
+    def __init__(self, reader: Any, unreader: Any, sock: socket.socket, length: int) -> None:
+        self.reader = reader
+        self.unreader = unreader
+        self.sock = sock
+        self.left = length
+
+    @classmethod
+    def attach(cls, env: Mapping[str, Any], length: int) -> SocketBody | None:
+        body = env.get("wsgi.input")
+        reader = getattr(body, "reader", None)
+        unreader = getattr(reader, "unreader", None)
+        sock = getattr(unreader, "sock", None)
+        shaped = (
+            type(reader).__name__ == "LengthReader"
+            and getattr(reader, "length", None) == length
+            and isinstance(getattr(body, "buf", None), io.BytesIO)
+            and body.buf.getbuffer().nbytes == 0  # type: ignore[union-attr]
+            and isinstance(getattr(unreader, "buf", None), io.BytesIO)
+            and isinstance(sock, socket.socket)
+        )
+        return cls(reader, unreader, sock, length) if shaped else None  # type: ignore[arg-type]
+
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), self.left)
+        if n == 0:
+            return 0
+        try:
+            got = self._buffered_into(view, n) or self.sock.recv_into(view, n)
+        except Exception as exc:
+            raise body_read_error(exc) from exc
+        if got == 0:  # the client closed the connection mid-body
+            raise ClientDisconnected(f"request body ended {self.left} bytes early")
+        self.left -= got
+        self.reader.length -= got
+        return int(got)
+
+    def _buffered_into(self, view: memoryview, n: int) -> int:
+        held: io.BytesIO = self.unreader.buf
+        data = held.getvalue()
+        if not data:
+            return 0
+        take = min(n, len(data))
+        view[:take] = data[:take]
+        rest = io.BytesIO()
+        rest.write(data[take:])  # anything past the body stays for gunicorn (pipelining)
+        self.unreader.buf = rest
+        return take
+
+
+def body_unread(env: Mapping[str, Any]) -> bool:
+    """Whether the request declared a body that is not yet read to its end.
+
+    Under gunicorn its reader says so exactly; under any other server a declared body is
+    assumed unread (closing a connection too often only costs a reconnect).
+    """
+    chunked = "HTTP_TRANSFER_ENCODING" in env
+    if not chunked and env.get("CONTENT_LENGTH", "0").strip() in ("", "0"):
+        return False
+    reader: Any = getattr(env.get("wsgi.input"), "reader", None)
+    kind = type(reader).__name__
+    if kind == "LengthReader" and isinstance(getattr(reader, "length", None), int):
+        return bool(reader.length > 0)
+    if kind == "ChunkedReader" and hasattr(reader, "parser"):
+        return bool(reader.parser is not None)  # None once the last chunk was read
+    return True
+
+
+def force_close(env: Mapping[str, Any]) -> bool:
+    """Make gunicorn close the connection after this answer and say `Connection: close`.
+
+    gunicorn drops the application's `Connection` header (hop-by-hop) and has no public way to
+    ask for a close: it announces keep-alive, drains up to 64 KiB of the unread body and then
+    closes anyway, under a client that was told it could send its next request there. Its
+    Response has `force_close()` (what gunicorn itself calls at max_requests); the only way to
+    it from a WSGI application is the `wsgi.early_hints` callback gunicorn 27 puts in every
+    environ, a closure over that Response. Returns whether it worked.
+    """
+    response = _gunicorn_response(env)
+    if response is None:
+        if "gunicorn.socket" in env:
+            _log_once(logging.WARNING, f"{FORCE_CLOSE_MISSED}: refused bodies are drained")
+        return False
+    response.force_close()
+    return True
+
+
+def _gunicorn_response(env: Mapping[str, Any]) -> Any:
+    hints = env.get("wsgi.early_hints")
+    code, cells = getattr(hints, "__code__", None), getattr(hints, "__closure__", None)
+    if code is None or not cells:
+        return None
+    captured = dict(zip(code.co_freevars, cells, strict=False))
+    try:
+        response = captured["resp"].cell_contents
+    except (KeyError, ValueError):
+        return None
+    if type(response).__module__ != "gunicorn.http.wsgi" or not hasattr(response, "force_close"):
+        return None
+    return response

@@ -22,6 +22,9 @@ from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
 from core.leases import Leases, UploadLease
 from core.models import (
+    META_GEN,
+    META_ID,
+    META_OWNER,
     ImageRecord,
     ObjectKeys,
     Variant,
@@ -125,7 +128,7 @@ class Uploads:
         owner, image_id = lease.owner, lease.image_id
         keys = ObjectKeys(owner, image_id, new_generation())
         lease.guard(keys.prefix)  # purged unless committed, even if this process dies
-        meta = {"picstream-owner": owner, "picstream-id": image_id, "picstream-gen": keys.gen}
+        meta = {META_OWNER: owner, META_ID: image_id, META_GEN: keys.gen}
         sink = ObjectSink(self.store, keys.original, self.part_uploads, meta, tracker=lease)
         try:
             ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()

@@ -176,7 +176,7 @@ class UploadLease:
             except redis.RedisError as exc:  # the janitor's purge finds nothing to delete
                 log.info("could not cancel the guard of %s: %s", self.key, type(exc).__name__)
 
-    # The multipart tracker interface used by core/sink.py.
+    # The multipart tracker interface (core/storage.py `Tracker`).
     def started(self, key: str, upload_id: str) -> None:
         member = multipart_member(key, upload_id)
         try:

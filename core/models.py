@@ -23,6 +23,14 @@ IMAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 _FILENAME_MAX = 255
 
+# Object metadata (x-amz-meta-*) the store keeps with an original or a variant. Stored data
+# carries these names: never change one.
+META_FORMAT = "picstream-format"
+META_BLAKE3 = "picstream-blake3"
+META_OWNER = "picstream-owner"
+META_ID = "picstream-id"
+META_GEN = "picstream-gen"
+
 
 @dataclass(frozen=True, slots=True)
 class Variant:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from core.errors import InvalidWebhookUrl
 from core.profiles import ProfileError, Profiles, default_profiles, load_profiles
+from core.sniff import SUPPORTED_FORMATS
 from core.webhooks import host_allowed
 
 MiB = 1024 * 1024
@@ -33,7 +34,7 @@ S3_MAX_PARTS = 10_000
 OWNER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 QUEUE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_KEY_LENGTH = 16
-DEFAULT_FORMATS = ("jpeg", "png", "gif", "webp", "avif", "heic", "tiff", "bmp")
+DEFAULT_FORMATS = SUPPORTED_FORMATS
 
 
 class ConfigError(ValueError):

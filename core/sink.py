@@ -13,13 +13,13 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Protocol
 
 from minio.datatypes import Part
 
 from core.ingest import Ingested, PartBuffer
+from core.models import META_BLAKE3, META_FORMAT
 from core.sniff import Sniffed
-from core.storage import COPY_LIMIT, MultipartUpload, Store
+from core.storage import COPY_LIMIT, MultipartUpload, Store, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +30,10 @@ ABORT_WAIT = 60.0
 def object_metadata(
     sniffed_format: str, blake3: str | None, extra: Mapping[str, str]
 ) -> dict[str, str]:
-    meta = {"picstream-format": sniffed_format, **extra}
+    meta = {META_FORMAT: sniffed_format, **extra}
     if blake3:
-        meta["picstream-blake3"] = blake3
+        meta[META_BLAKE3] = blake3
     return meta
-
-
-class Tracker(Protocol):
-    """Told when a multipart upload starts and ends (core/leases.py registers it, so the
-    janitor can abort it if this process dies). `started` may raise to refuse it."""
-
-    def started(self, key: str, upload_id: str) -> None: ...
-
-    def ended(self, key: str, upload_id: str) -> None: ...
-
-
-class _Untracked:
-    def started(self, key: str, upload_id: str) -> None:
-        pass
-
-    def ended(self, key: str, upload_id: str) -> None:
-        pass
 
 
 class ObjectSink:
@@ -62,7 +45,7 @@ class ObjectSink:
         metadata: Mapping[str, str],
         tracker: Tracker | None = None,
     ) -> None:
-        self.tracker = tracker or _Untracked()
+        self.tracker = tracker
         self.store = store
         self.key = key
         self.executor = executor
@@ -78,13 +61,9 @@ class ObjectSink:
         self.began = True
         if self.upload is None:
             meta = object_metadata(sniffed.format, None, self.metadata)
-            upload = self.store.start_multipart(self.key, sniffed.content_type, meta)
-            try:
-                self.tracker.started(upload.key, upload.upload_id)
-            except BaseException:
-                upload.abort()
-                raise
-            self.upload = upload
+            self.upload = self.store.start_multipart(
+                self.key, sniffed.content_type, meta, self.tracker
+            )
         number = len(self.parts) + 1
         future = self.executor.submit(self.upload.upload_part, number, part.view())
         self.inflight = (future, part)
@@ -102,7 +81,6 @@ class ObjectSink:
         self.parts.append(self.upload.upload_part(len(self.parts) + 1, last.view()))
         self.upload.complete(self.parts)
         self.stored = True
-        self.tracker.ended(self.upload.key, self.upload.upload_id)
         self.upload = None
         # Multipart metadata is fixed at creation, before the hash is known: attach it now.
         if result.size <= COPY_LIMIT:
@@ -117,8 +95,7 @@ class ObjectSink:
             except (Exception, FutureTimeout) as exc:  # noqa: BLE001 - the abort matters now
                 log.info("part in flight for %s failed during abort: %s", self.key, exc)
         if self.upload is not None:
-            if self.upload.abort():  # else it stays registered: the janitor aborts it
-                self.tracker.ended(self.upload.key, self.upload.upload_id)
+            self.upload.abort()  # unregistered unless it may still exist (the janitor's then)
             self.upload = None
         if self.stored:  # completed, then a later step failed: leave nothing behind
             self.discard()

@@ -30,7 +30,15 @@ from zlib import crc32
 
 from core.errors import CorruptImage, NotAnImage
 
-__all__ = ["MAX_SIDE", "MIME_TYPES", "SUPPORTED", "NeedMore", "Sniffed", "sniff"]
+__all__ = [
+    "MAX_SIDE",
+    "MIME_TYPES",
+    "SUPPORTED",
+    "SUPPORTED_FORMATS",
+    "NeedMore",
+    "Sniffed",
+    "sniff",
+]
 
 # Formats the workers decode: the sniffer reads their size and orientation.
 _DECODED: dict[str, str] = {
@@ -59,6 +67,8 @@ _RECOGNISED: dict[str, str] = {
     "icns": "image/icns",
     "hdr": "image/vnd.radiance",
 }
+# The one list of accepted formats: settings' default and the worker's decoders follow it.
+SUPPORTED_FORMATS: tuple[str, ...] = tuple(_DECODED)
 SUPPORTED: frozenset[str] = frozenset(_DECODED)
 MIME_TYPES: dict[str, str] = _DECODED | _RECOGNISED
 

@@ -5,8 +5,9 @@ is quadratic when reads come back short (64 KiB reads: 52 MiB/s against 125 MiB/
 full-part reads); it aborts only on `Exception` (a gunicorn timeout's SystemExit leaves the
 upload behind, seen end to end on SeaweedFS); and with its default 3 parallel uploads it
 leaks its worker threads on every failed upload. Instead `MultipartUpload` exposes
-create/part/complete/abort and the caller (core/ingest.py) aborts on every failure,
-BaseException included.
+create/part/complete/abort, registered with a `Tracker` from start to end (complete or
+abort unregisters it), and the caller (core/sink.py) aborts on every failure, BaseException
+included.
 
 Every provider error is translated here: callers only ever see `StorageUnavailable` or
 `NotFound`.
@@ -26,7 +27,7 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, NamedTuple, cast
+from typing import Any, BinaryIO, NamedTuple, Protocol, cast
 
 import urllib3
 from minio import Minio
@@ -80,6 +81,23 @@ def _body(data: bytes | memoryview) -> bytes:
     return cast("bytes", data)
 
 
+class Tracker(Protocol):
+    """Told when a multipart upload starts and ends (core/leases.py registers it, so the
+    janitor can abort it if this process dies). `started` may raise to refuse it."""
+
+    def started(self, key: str, upload_id: str) -> None: ...
+
+    def ended(self, key: str, upload_id: str) -> None: ...
+
+
+class _Untracked:
+    def started(self, key: str, upload_id: str) -> None:
+        pass
+
+    def ended(self, key: str, upload_id: str) -> None:
+        pass
+
+
 class Store:
     """One bucket of an S3-compatible server."""
 
@@ -126,12 +144,24 @@ class Store:
             self.client._put_object(self.bucket, key, _body(data), _headers(content_type, metadata))
 
     def start_multipart(
-        self, key: str, content_type: str, metadata: Mapping[str, str]
+        self,
+        key: str,
+        content_type: str,
+        metadata: Mapping[str, str],
+        tracker: Tracker | None = None,
     ) -> MultipartUpload:
+        """Create a multipart upload and register it with `tracker` (aborted at once if the
+        tracker refuses it). The caller completes it or calls `abort()`."""
         headers = _headers(content_type, metadata)
         with _translated("upload start"):
             upload_id = self.client._create_multipart_upload(self.bucket, key, headers)
-        return MultipartUpload(self, key, upload_id)
+        upload = MultipartUpload(self, key, upload_id, tracker or _Untracked())
+        try:
+            upload.tracker.started(key, upload_id)
+        except BaseException:
+            upload.abort(untrack=False)
+            raise
+        return upload
 
     def replace_metadata(self, key: str, content_type: str, metadata: Mapping[str, str]) -> None:
         """Attach metadata known only after the upload (the BLAKE3 of a multipart body).
@@ -291,11 +321,15 @@ class IncompleteUpload(NamedTuple):
 class MultipartUpload:
     """An S3 multipart upload in progress. Not thread-safe: one caller drives it."""
 
-    def __init__(self, store: Store, key: str, upload_id: str) -> None:
+    def __init__(
+        self, store: Store, key: str, upload_id: str, tracker: Tracker | None = None
+    ) -> None:
         self.store = store
         self.key = key
         self.upload_id = upload_id
+        self.tracker = tracker or _Untracked()
         self.parts: list[Part] = []
+        self.completed = False
 
     def upload_part(self, number: int, data: memoryview) -> Part:
         """Send one part (safe to call from a helper thread); the caller records it."""
@@ -313,17 +347,22 @@ class MultipartUpload:
                 self.upload_id,
                 sorted(parts, key=lambda p: p.part_number),
             )
+        self.completed = True
+        self.tracker.ended(self.key, self.upload_id)
 
-    def abort(self) -> bool:
+    def abort(self, untrack: bool = True) -> bool:
         """Best effort: log, never raise, so the original failure is what propagates.
-        False when the upload may still exist (the janitor will abort it)."""
+        False when the upload may still exist: it then stays registered with the tracker
+        (the janitor will abort it)."""
         try:
             self.store.abort_upload(self.key, self.upload_id)
         except NotFound:
-            return True
+            pass
         except StorageUnavailable as exc:
             log.warning("could not abort multipart upload of %s: %s", self.key, exc.detail)
             return False
+        if untrack:
+            self.tracker.ended(self.key, self.upload_id)
         return True
 
 

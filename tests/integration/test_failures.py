@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import falcon.testing
 import pytest
 from redis import Redis
 
+from core import janitor
 from core.errors import StorageUnavailable
 from core.ingest import Ingest, Limits, ReadSource
 from core.records import Records
@@ -16,12 +18,14 @@ from core.settings import Settings
 from core.sink import ObjectSink
 from core.storage import Store
 from tests import servers
+from tests.faults import Outage
 from tests.http import Api
 from tests.images import Body, png
-from tests.integration.conftest import make_env
+from tests.integration.conftest import ALICE_KEY
 from tests.keys import keys_of
 
 MiB = 1024 * 1024
+AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 
 
 def interrupted(size: int, after: int, exc: BaseException) -> Callable[[int], bytes]:
@@ -57,31 +61,48 @@ def test_interrupted_multipart_upload_is_aborted(
     assert store.keys("") == []
 
 
+@pytest.fixture()
+def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
+    with Outage(s3_server.port, down=False) as outage:
+        yield outage
+
+
 def test_store_going_away_mid_upload_is_a_503(
     start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
-    redis_server: servers.Server,
-    workdir: Path,
+    env: dict[str, str],
+    s3_outage: Outage,
+    store: Store,
+    redis_client: Redis,
 ) -> None:
-    doomed = servers.start_seaweedfs(workdir / "s3-doomed")
-    try:
-        env = make_env(redis_server.extra["url"], doomed.extra["endpoint"])
-        Store.from_settings(Settings.from_env(env)).ensure_bucket()
-        _, api = start_api(env)
-        body = Body(30 * MiB)
+    _, api = start_api({**env, "S3_ENDPOINT": s3_outage.endpoint, "PICSTREAM_LEASE_SECONDS": "1"})
+    body = Body(30 * MiB)
+    started: list[object] = []
 
-        def pieces() -> Iterator[bytes]:
-            for n, piece in enumerate(body):
-                if n == 12:  # two parts are in the store by now
-                    doomed.stop()
-                yield piece
+    def pieces() -> Iterator[bytes]:
+        for piece in body:
+            # The store goes away once a multipart upload is under way (its first part has
+            # gone out), well before the body ends.
+            if not started and (under_way := store.incomplete_uploads()):
+                started.extend(under_way)
+                s3_outage.cut()
+            yield piece
 
-        resp = api.upload(pieces(), chunked=True)
-        assert resp.status == 503
-        assert resp.header("Content-Type") == "application/problem+json"
-        assert resp.json["type"] == "urn:picstream:problem:storage-unavailable"
-        assert "S3" in resp.json["detail"] or "Error" in resp.json["detail"]
-    finally:
-        doomed.stop()
+    resp = api.upload(pieces(), chunked=True)
+    assert started, "no multipart upload had started when the store went away"
+    assert resp.status == 503
+    assert resp.header("Content-Type") == "application/problem+json"
+    assert resp.json["type"] == "urn:picstream:problem:storage-unavailable"
+    assert "S3" in resp.json["detail"] or "Error" in resp.json["detail"]
+
+    s3_outage.down = False  # the store is back: whatever the web process could not abort,
+    records = Records(redis_client)  # the janitor does
+    deadline = time.monotonic() + 20
+    while store.incomplete_uploads():
+        assert time.monotonic() < deadline, "the janitor never aborted the upload"
+        janitor.run_once(store, records)
+        time.sleep(0.1)
+    assert store.keys("") == []
+    assert records.page("alice", 10, None)[0] == []  # no image was recorded
 
 
 def test_translated_errors_name_no_credentials(settings: Settings) -> None:
@@ -99,24 +120,25 @@ def test_translated_errors_name_no_credentials(settings: Settings) -> None:
 
 
 def test_delete_while_the_store_is_down_is_finished_later(
-    start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
-    redis_server: servers.Server,
+    client_with: Callable[..., falcon.testing.TestClient],
+    s3_outage: Outage,
+    store: Store,
     redis_client: Redis,
-    workdir: Path,
 ) -> None:
-    doomed = servers.start_seaweedfs(workdir / "s3-doomed-delete")
-    try:
-        env = make_env(redis_server.extra["url"], doomed.extra["endpoint"])
-        Store.from_settings(Settings.from_env(env)).ensure_bucket()
-        _, api = start_api(env)
-        created = api.upload(png(4, 4)).json
-        image_id = created["id"]
-        doomed.stop()
-        gone = api.request("DELETE", f"/v1/images/{image_id}")
-        assert gone.status == 202  # gone for clients; the files wait for the janitor
-        assert api.request("GET", f"/v1/images/{image_id}").status == 404
-        # Due now, for exactly this incarnation's prefix, never the id's.
-        due = Records(redis_client).due_purges()
-        assert [p.prefix for p in due] == [keys_of(created).prefix]
-    finally:
-        doomed.stop()
+    client = client_with(S3_ENDPOINT=s3_outage.endpoint)
+    created = client.simulate_post("/v1/images", body=png(4, 4), headers=AS_ALICE).json
+    image_id = created["id"]
+    assert store.keys(keys_of(created).prefix) != []
+    s3_outage.cut()
+    gone = client.simulate_delete(f"/v1/images/{image_id}", headers=AS_ALICE)
+    assert gone.status_code == 202  # gone for clients; the files wait for the janitor
+    assert client.simulate_get(f"/v1/images/{image_id}", headers=AS_ALICE).status_code == 404
+    # Due now, for exactly this incarnation's prefix, never the id's.
+    records = Records(redis_client)
+    due = records.due_purges()
+    assert [p.prefix for p in due] == [keys_of(created).prefix]
+
+    s3_outage.down = False  # the store is back and the janitor runs
+    janitor.run_once(store, records)
+    assert store.keys(keys_of(created).prefix) == []
+    assert records.due_purges() == []

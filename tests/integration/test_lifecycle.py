@@ -7,7 +7,6 @@ forwarders that refuse (`Outage`) or hold bytes (`Stall`), never with sleeps.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,78 +14,48 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import falcon.testing
 import pytest
-import pyvips
 from redis import Redis
 
 from core import janitor
-from core.events import events_key
-from core.records import Records
+from core.records import Records, lease_key
 from core.settings import Settings
 from core.storage import Store
-from tests import pixels, servers
+from tests import servers
 from tests.faults import Outage, Stall
 from tests.http import Api
 from tests.images import Body
-from tests.integration.conftest import ALICE_KEY
 from tests.keys import keys_of, variant_key
-from worker.jobs import RETIRE_GRACE, ImageJob
-from worker.services import JobServices
-
-AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
-RunJobs = Callable[[], None]
-ClientWith = Callable[..., falcon.testing.TestClient]
-StartApi = Callable[[dict[str, str]], tuple[servers.Server, Api]]
-
-
-def put(client: falcon.testing.TestClient, image_id: str, body: bytes) -> Any:
-    return client.simulate_put(f"/v1/images/{image_id}", body=body, headers=AS_ALICE)
-
-
-def get(client: falcon.testing.TestClient, image_id: str) -> dict[str, Any]:
-    resp = client.simulate_get(f"/v1/images/{image_id}", headers=AS_ALICE)
-    assert resp.status_code == 200, resp.text
-    record: dict[str, Any] = resp.json
-    return record
-
-
-def landscape() -> bytes:
-    return pixels.save(pixels.marked(300, 200), "PNG")
-
-
-def portrait() -> bytes:
-    return pixels.save(pixels.marked(200, 300), "PNG")
-
-
-def wait_until(done: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def served_variant_sizes(client: falcon.testing.TestClient, record: dict[str, Any]) -> set[tuple]:
-    """(width, height) of every variant as decoded from the bytes the API serves."""
-    sizes = set()
-    for variant in record["variants"]:
-        resp = client.simulate_get(urlsplit(variant["url"]).path, headers=AS_ALICE)
-        assert resp.status_code == 200, (variant["name"], resp.text)
-        image = pyvips.Image.new_from_buffer(resp.content, "")
-        sizes.add((image.width, image.height))
-    return sizes
+from tests.lifecycle import (
+    AS_ALICE,
+    ClientWith,
+    RunJobs,
+    StartApi,
+    delete_while_the_store_is_down,
+    finals,
+    get,
+    landscape,
+    portrait,
+    put,
+    run_job_midway,
+    served_variant_sizes,
+    store_as_legacy,
+    stream,
+    sweep_a_week_later,
+    wait_until,
+)
+from worker.jobs import RETIRE_GRACE
 
 
 @pytest.fixture()
 def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
-    outage = Outage(s3_server.port, down=False)
-    yield outage
-    outage.close()
+    with Outage(s3_server.port, down=False) as outage:
+        yield outage
 
 
 # ------------------------------------------------------------------ 1. purge vs re-upload
@@ -102,15 +71,13 @@ def test_a_failed_delete_finished_by_the_janitor_never_touches_the_next_upload(
     client = client_with(S3_ENDPOINT=s3_outage.endpoint)
     first = put(client, "x", landscape()).json
     run_jobs()
-    s3_outage.cut()
-    assert client.simulate_delete("/v1/images/x", headers=AS_ALICE).status_code == 202
-    s3_outage.down = False
+    delete_while_the_store_is_down(client, s3_outage, "x")
 
     second = put(client, "x", portrait())
     assert second.status_code == 201
     run_jobs()
     # The sweep that finishes the first image's deletion, and every later one.
-    janitor.run_once(store, Records(redis_client), now=time.time() + 7 * 86_400)
+    sweep_a_week_later(store, redis_client)
 
     record = get(client, "x")
     assert record["status"] == "ready" and record["blake3"] == second.json["blake3"]
@@ -120,20 +87,6 @@ def test_a_failed_delete_finished_by_the_janitor_never_touches_the_next_upload(
 
 
 # ------------------------------------------------------------------ 2. delete mid-conversion
-
-
-class ActingStore(Store):
-    """Runs `act` once, right after a job wrote its first variant: the job is mid-way."""
-
-    def __init__(self, store: Store, act: Callable[[], None]) -> None:
-        super().__init__(store.client, store.bucket)
-        self.act: Callable[[], None] | None = act
-
-    def put(self, key: str, data: Any, content_type: str, metadata: Any) -> None:
-        super().put(key, data, content_type, metadata)
-        if self.act is not None and not key.endswith("record.json"):
-            act, self.act = self.act, None
-            act()
 
 
 def test_a_conversion_of_a_deleted_image_never_writes_into_its_successor(
@@ -149,10 +102,7 @@ def test_a_conversion_of_a_deleted_image_never_writes_into_its_successor(
         assert client.simulate_delete("/v1/images/x", headers=AS_ALICE).status_code == 204
         assert put(client, "x", portrait()).status_code == 201
 
-    services = JobServices(
-        settings, ActingStore(store, delete_and_reupload), Records(redis_client)
-    )
-    ImageJob(services, "alice", "x", old["gen"], old["vset"]).run()  # the old job, mid-way
+    run_job_midway(settings, store, redis_client, old, delete_and_reupload)  # the old job
     record = get(client, "x")
     assert record["status"] == "processing" and record["width"] == 200  # untouched
     assert all(v["status"] == "pending" for v in record["variants"])
@@ -169,9 +119,8 @@ def test_a_conversion_of_a_deleted_image_never_writes_into_its_successor(
 
 @pytest.fixture()
 def redis_stall(redis_server: servers.Server) -> Iterator[Stall]:
-    stall = Stall(redis_server.port)
-    yield stall
-    stall.close()
+    with Stall(redis_server.port) as stall:
+        yield stall
 
 
 def stalled_api(start_api: StartApi, env: dict[str, str], stall: Stall) -> Api:
@@ -193,7 +142,7 @@ def test_a_commit_that_reaches_redis_too_late_never_happens_and_the_client_is_to
 
     redis_stall.release()  # the held transaction reaches Redis after its fence expired
     wait_until(redis_stall.answered.is_set, 10, "Redis to answer the late EXEC")
-    assert not redis_client.exists("picstream:image:alice:late")
+    assert not Records(redis_client).exists("alice", "late")
     assert store.keys("alice/late/") == []
     assert Records(redis_client).page("alice", 10, None)[0] == []
     assert api.upload(landscape(), "late").status == 201  # nothing blocks a retry
@@ -234,7 +183,9 @@ def test_an_upload_stalled_longer_than_its_lease_keeps_its_id(
         first.start()
         wait_until(lambda: stall.received > 0, 10, "the upload to reach the store")
         # Three lease lifetimes pass while the store does not answer: the id stays taken.
-        lease = "picstream:lease:alice:x"
+        # The key's TTL is the only observable of a renewal (the 409 below shows the id
+        # taken, not that the lease was renewed rather than set long).
+        lease = lease_key("alice", "x")
         renewals = 0
         last = redis_client.pttl(lease)
         deadline = time.monotonic() + 3
@@ -258,14 +209,6 @@ def test_an_upload_stalled_longer_than_its_lease_keeps_its_id(
 # ------------------------------------------------------------------ 5 + 6. reconvert
 
 
-def stream_events(redis_client: Redis, record: dict[str, Any]) -> list[dict[str, str]]:
-    key = events_key(record["owner"], record["id"], record["gen"])
-    return [
-        {k.decode(): v.decode() for k, v in fields.items()}
-        for _, fields in redis_client.xrange(key)
-    ]
-
-
 def test_a_reconvert_during_the_first_conversion_supersedes_it_without_a_failure(
     client: falcon.testing.TestClient,
     run_jobs: RunJobs,
@@ -279,17 +222,16 @@ def test_a_reconvert_during_the_first_conversion_supersedes_it_without_a_failure
         resp = client.simulate_post("/v1/images/x/reconvert", headers=AS_ALICE)
         assert resp.status_code == 202
 
-    services = JobServices(settings, ActingStore(store, reconvert), Records(redis_client))
-    ImageJob(services, "alice", "x", first["gen"], first["vset"]).run()
+    run_job_midway(settings, store, redis_client, first, reconvert)
     assert get(client, "x")["status"] == "processing"  # the reconversion ends this run
     run_jobs()
 
     record = get(client, "x")
     assert record["status"] == "ready" and record["pending"] is None
-    story = stream_events(redis_client, record)
+    story = stream(redis_client, record)
     assert all(e["status"] != "failed" for e in story)
-    finals = [e for e in story if e["type"] == "status" and e["status"] in ("ready", "failed")]
-    assert len(finals) == 1 and finals[0]["status"] == "ready"
+    ended = finals(story)
+    assert len(ended) == 1 and ended[0]["status"] == "ready"
     assert served_variant_sizes(client, record) <= {(256, 171), (300, 200)}
 
 
@@ -415,17 +357,7 @@ def test_images_stored_before_incarnations_are_served_then_migrated(
     made = api.upload(landscape(), "old").json
     run_jobs()
     made = api.request("GET", "/v1/images/old").json
-    legacy = {k: v for k, v in made.items() if k not in ("gen", "vset", "pending", "url")}
-    legacy = {k: v for k, v in legacy.items() if not k.endswith("url")}
-    for variant in legacy["variants"]:
-        variant.pop("url", None)
-    moved = keys_of(made)
-    store.copy(moved.original, "alice/old/original")
-    for variant in made["variants"]:
-        store.copy(variant_key(made, variant["name"]), f"alice/old/{variant['name']}")
-    store.put_json("alice/old/record.json", legacy)
-    store.delete_prefix(moved.prefix)
-    redis_client.set("picstream:image:alice:old", json.dumps(legacy))
+    store_as_legacy(store, redis_client, made)
 
     served = api.request("GET", "/v1/images/old")
     assert served.status == 200 and served.json["gen"] == ""
@@ -465,7 +397,10 @@ def test_an_upload_whose_abort_failed_is_aborted_once_the_store_is_back(
     s3_outage.cut()  # the store goes away; then the client does too: the abort fails
     sock.close()
     # The web process gives up on the upload and releases the id...
-    wait_until(lambda: not redis_client.exists("picstream:lease:alice:big"), 20, "the release")
+    # The lease key is the only observable of the release: a new upload of the id would
+    # start a multipart upload of its own and muddle the count below.
+    lease = lease_key("alice", "big")
+    wait_until(lambda: not redis_client.exists(lease), 20, "the release")
     assert len(store.incomplete_uploads()) == 1  # ...but its abort could not reach the store
     records = Records(redis_client)
     wait_until(lambda: janitor.run_once(store, records).abandoned == 1, 10, "the janitor")

@@ -8,14 +8,13 @@ never with sleeps.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import falcon.testing
@@ -28,118 +27,50 @@ from api.app import Collaborators, create_app
 from api.main import build_collaborators
 from core import janitor
 from core.errors import QueueUnavailable, StorageUnavailable
-from core.events import events_key
 from core.jobs import CONVERT, make_queue
 from core.leases import UploadLease
 from core.migrate import migrate_image
 from core.models import ImageRecord, new_generation
 from core.rebuild import rebuild
-from core.records import Records, connect
+from core.records import Records, connect, lease_key
 from core.settings import Settings
 from core.storage import Store
-from tests import pixels, servers
+from tests import servers
 from tests.faults import Outage, Stall
-from tests.http import Api
-from tests.integration.conftest import ALICE_KEY, ConfigureJobs, close_services
-from tests.keys import keys_of, variant_key
+from tests.integration.conftest import ConfigureJobs, close_services
+from tests.keys import keys_of
+from tests.lifecycle import (
+    AS_ALICE,
+    ActingStore,
+    ClientWith,
+    RunJobs,
+    StartApi,
+    delete_while_the_store_is_down,
+    finals,
+    get,
+    landscape,
+    put,
+    run_job_losing_the_store_at_its_record_copy,
+    store_as_legacy,
+    stream,
+    sweep_a_week_later,
+    wait_until,
+    while_watching,
+)
 from worker.jobs import ImageJob, conversion_failed
 from worker.services import JobServices
-
-AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
-RunJobs = Callable[[], None]
-ClientWith = Callable[..., falcon.testing.TestClient]
-StartApi = Callable[[dict[str, str]], tuple[servers.Server, Api]]
-
-
-def put(client: falcon.testing.TestClient, image_id: str, body: bytes) -> Any:
-    return client.simulate_put(f"/v1/images/{image_id}", body=body, headers=AS_ALICE)
-
-
-def get(client: falcon.testing.TestClient, image_id: str) -> dict[str, Any]:
-    resp = client.simulate_get(f"/v1/images/{image_id}", headers=AS_ALICE)
-    assert resp.status_code == 200, resp.text
-    record: dict[str, Any] = resp.json
-    return record
-
-
-def landscape() -> bytes:
-    return pixels.save(pixels.marked(300, 200), "PNG")
-
-
-def wait_until(done: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def stream(redis_client: Redis, record: dict[str, Any]) -> list[dict[str, str]]:
-    key = events_key(record["owner"], record["id"], record["gen"])
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], redis_client.xrange(key))
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
-
-
-def finals(story: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [e for e in story if e["type"] == "status" and e["status"] in ("ready", "failed")]
-
-
-def while_watching(redis_client: Redis, image_id: str, act: Callable[[], None]) -> list[Any]:
-    """Every state of the record seen while `act` runs (polled as fast as Redis answers)."""
-    seen: list[ImageRecord] = []
-    done = threading.Event()
-    records = Records(redis_client)
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.append(records.get("alice", image_id))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        act()
-    finally:
-        done.set()
-        watcher.join()
-    seen.append(records.get("alice", image_id))
-    return seen
-
-
-class ActingStore(Store):
-    """Runs `act` once, the first time `when(method, key)` holds, before that call."""
-
-    def __init__(
-        self, store: Store, when: Callable[[str, str], bool], act: Callable[[], None]
-    ) -> None:
-        super().__init__(store.client, store.bucket)
-        self.when = when
-        self.act: Callable[[], None] | None = act
-
-    def _maybe(self, method: str, key: str) -> None:
-        if self.act is not None and self.when(method, key):
-            act, self.act = self.act, None
-            act()
-
-    def put_json(self, key: str, value: Any) -> None:
-        self._maybe("put_json", key)
-        super().put_json(key, value)
-
-    def delete_prefix(self, prefix: str) -> int:
-        self._maybe("delete_prefix", prefix)
-        return super().delete_prefix(prefix)
 
 
 @pytest.fixture()
 def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
-    outage = Outage(s3_server.port, down=False)
-    yield outage
-    outage.close()
+    with Outage(s3_server.port, down=False) as outage:
+        yield outage
 
 
 @pytest.fixture()
 def redis_outage(redis_server: servers.Server) -> Iterator[Outage]:
-    outage = Outage(redis_server.port, down=False)
-    yield outage
-    outage.close()
+    with Outage(redis_server.port, down=False) as outage:
+        yield outage
 
 
 def make_legacy(
@@ -154,18 +85,7 @@ def make_legacy(
     assert put(client, image_id, landscape()).status_code == 201
     run_jobs()
     made = get(client, image_id)
-    legacy = Records(redis_client).get("alice", image_id).to_dict()
-    for name in ("gen", "vset", "pending"):
-        legacy.pop(name)
-    if status is not None:
-        legacy["status"] = status
-    moved = keys_of(made)
-    store.copy(moved.original, f"alice/{image_id}/original")
-    for variant in made["variants"]:
-        store.copy(variant_key(made, variant["name"]), f"alice/{image_id}/{variant['name']}")
-    store.put_json(f"alice/{image_id}/record.json", legacy)
-    store.delete_prefix(moved.prefix)
-    redis_client.set(f"picstream:image:alice:{image_id}", json.dumps(legacy))
+    store_as_legacy(store, redis_client, made, status)
     return made
 
 
@@ -243,11 +163,9 @@ def test_a_job_run_again_after_it_finished_changes_nothing_and_ends_nothing_twic
     take the served variants back to `pending`, nor end the run a second time; and once
     the retries are spent, giving up must not turn the ready image into `failed`."""
     made = put(client, "x", landscape()).json
-    flaky = Store.from_settings(replace(settings, s3_endpoint=s3_outage.endpoint))
-    cutting = ActingStore(flaky, lambda method, key: method == "put_json", s3_outage.cut)
-    first = JobServices(settings, cutting, Records(redis_client))
-    with pytest.raises(StorageUnavailable):
-        ImageJob(first, "alice", "x", made["gen"], made["vset"]).run()
+    run_job_losing_the_store_at_its_record_copy(
+        settings, s3_outage, redis_client, "x", made["gen"], made["vset"]
+    )
     ready = get(client, "x")
     assert ready["status"] == "ready"
     s3_outage.down = False
@@ -287,11 +205,9 @@ def test_a_reconvert_job_run_again_after_its_switch_leaves_the_served_set_alone(
     pending = Records(redis_client).get("alice", "x")
     assert pending.pending is not None
     vset = pending.pending.vset
-    flaky = Store.from_settings(replace(settings, s3_endpoint=s3_outage.endpoint))
-    cutting = ActingStore(flaky, lambda method, key: method == "put_json", s3_outage.cut)
-    first = JobServices(settings, cutting, Records(redis_client))
-    with pytest.raises(StorageUnavailable):
-        ImageJob(first, "alice", "x", pending.gen, vset).run()
+    run_job_losing_the_store_at_its_record_copy(
+        settings, s3_outage, redis_client, "x", pending.gen, vset
+    )
     switched = get(client, "x")
     assert switched["status"] == "ready" and switched["vset"] == vset
     s3_outage.down = False
@@ -350,16 +266,14 @@ def test_rebuild_never_brings_back_an_image_deleted_while_the_store_was_down(
     client = client_with(S3_ENDPOINT=s3_outage.endpoint)
     made = put(client, "x", landscape()).json
     run_jobs()
-    s3_outage.cut()
-    assert client.simulate_delete("/v1/images/x", headers=AS_ALICE).status_code == 202
-    s3_outage.down = False
+    delete_while_the_store_is_down(client, s3_outage, "x")
 
     # The operator runs a rebuild (safe on a live system) before the janitor got to it.
     done = rebuild(store, Records(redis_client), settings)
     assert done.restored == 0, done
     assert client.simulate_get("/v1/images/x", headers=AS_ALICE).status_code == 404
     assert client.simulate_get("/v1/images/x/original", headers=AS_ALICE).status_code == 404
-    janitor.run_once(store, Records(redis_client), now=time.time() + 7 * 86_400)
+    sweep_a_week_later(store, redis_client)
     assert store.keys(keys_of(made).prefix) == []
 
 
@@ -409,7 +323,7 @@ def test_a_commit_whose_fence_was_set_late_is_decided_after_that_fence(
         assert isinstance(outcome[0], QueueUnavailable), outcome  # "not committed"
         inner.release()  # and now the EXEC arrives
         wait_until(inner.answered.is_set, 10, "Redis to answer the late EXEC")
-        assert not redis_client.exists("picstream:image:alice:x"), "committed after all"
+        assert not Records(redis_client).exists("alice", "x"), "committed after all"
         client.close()
         client.connection_pool.disconnect()
     finally:
@@ -449,18 +363,19 @@ def test_a_web_process_killed_after_storing_the_original_leaves_nothing_behind(
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
         uploading.join(timeout=30)
-        wait_until(
-            lambda: not redis_client.exists("picstream:lease:alice:x"), 30, "the lease to lapse"
-        )
+        # The lease key is the only observable of its lapse short of a new upload, which
+        # would take the id and hide whether the dead process's EXEC could still commit.
+        lease = lease_key("alice", "x")
+        wait_until(lambda: not redis_client.exists(lease), 30, "the lease to lapse")
         stall.release()  # the dead process's EXEC, too late
         wait_until(stall.answered.is_set, 10, "Redis to refuse the late EXEC")
     finally:
         stall.close()
-    assert not redis_client.exists("picstream:image:alice:x")
+    assert not Records(redis_client).exists("alice", "x")
 
     records = Records(redis_client)
     assert rebuild(store, records, settings).restored == 0  # never acknowledged
-    assert not redis_client.exists("picstream:image:alice:x")
+    assert not Records(redis_client).exists("alice", "x")
     janitor.run_once(store, records, now=time.time() + 3600)
     assert store.keys("alice/x/") == []
 
@@ -533,6 +448,6 @@ def test_a_delete_committed_before_redis_went_away_is_answered_as_done(
     finally:
         close_services(services)
     s3_outage.down = redis_outage.down = False
-    assert not redis_client.exists("picstream:image:alice:x")
-    janitor.run_once(store, Records(redis_client), now=time.time() + 7 * 86_400)
+    assert not Records(redis_client).exists("alice", "x")
+    sweep_a_week_later(store, redis_client)
     assert store.keys(keys_of(made).prefix) == []

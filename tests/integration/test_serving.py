@@ -8,7 +8,6 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -298,25 +297,6 @@ def test_listing_pages_inside_one_millisecond(api: Api, redis_client: Redis) -> 
     assert seen == sorted(ids, reverse=True)
 
 
-def worker_connections_to(pid: int, port: int) -> int:
-    """ESTABLISHED TCP connections of a process to a local port (from /proc)."""
-    inodes = set()
-    for fd in (Path(f"/proc/{pid}/fd")).iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        if fields[3] == "01" and remote_port == port and fields[9] in inodes:
-            count += 1
-    return count
-
-
 @pytest.mark.slow
 def test_large_download_streams_in_constant_memory_and_disconnects_release_s3(
     api: Api, gunicorn: servers.Server, s3_server: servers.Server, store: Store
@@ -350,9 +330,9 @@ def test_large_download_streams_in_constant_memory_and_disconnects_release_s3(
             assert first.startswith(b"HTTP/1.1 200")
             sock.recv(1024 * 1024)  # some of the body, then hang up
     deadline = time.monotonic() + 20
-    while worker_connections_to(pid, s3_server.port) > 2 and time.monotonic() < deadline:
+    while servers.established(pid, {s3_server.port}) > 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert worker_connections_to(pid, s3_server.port) <= 2
+    assert servers.established(pid, {s3_server.port}) <= 2
 
 
 def test_portable_relay_without_gunicorn(client: Any, store: Store) -> None:

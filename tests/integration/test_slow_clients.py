@@ -96,19 +96,7 @@ def timed(call: Callable[[], T]) -> tuple[T, float]:
 def established_from(server: servers.Server, ports: set[int]) -> int:
     """How many connections from these client ports the gunicorn worker still holds open."""
     (pid,) = servers.worker_pids(server)
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = fd.readlink().as_posix()
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote_port = int(fields[2].split(":")[1], 16)
-        if fields[3] == "01" and remote_port in ports and fields[9] in inodes:
-            count += 1
-    return count
+    return servers.established(pid, ports)
 
 
 def at_once(count: int, call: Callable[[], T]) -> list[T]:

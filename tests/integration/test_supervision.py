@@ -88,13 +88,15 @@ def group_members(pgid: int) -> list[int]:
 
 def rq_worker(supervisor: servers.Server, redis: Redis, not_pid: int = 0) -> int:
     """The pid of the supervisor's rq worker (other than `not_pid`), once it is registered
-    with rq, i.e. listening for jobs."""
+    with rq and idle, i.e. listening for jobs."""
     found: list[int] = []
 
     def registered() -> bool:
         assert supervisor.proc.poll() is None, supervisor.output()[-3000:]
         children = [pid for pid in servers.worker_pids(supervisor) if pid != not_pid]
-        pids = {worker.pid for worker in Worker.all(connection=redis)}
+        # Idle, not just registered: rq registers a worker before it installs its signal
+        # handlers, and a SIGTERM in between would kill it without a warm shutdown.
+        pids = {w.pid for w in Worker.all(connection=redis) if w.get_state() == "idle"}
         found[:] = [pid for pid in children if pid in pids]
         return bool(found)
 
