@@ -149,12 +149,13 @@ class PatientScheduler(RQScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stopping = False
-
-    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
-        self.stopping = True
-        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        self.worker_pid = os.getpid()  # built in the rq worker, which forks it
 
     def work(self) -> None:
+        # In the forked scheduler process. A fork does not inherit PR_SET_PDEATHSIG: without
+        # its own, a scheduler whose rq worker died abruptly (SIGTERM before rq installed its
+        # handlers, SIGKILL) lived on, waiting for a Redis that was gone, for ever.
+        stop_with(self.worker_pid)
         outage = RedisOutage(self.connection, lambda: self.stopping, logging.DEBUG)
         while True:
             try:
@@ -165,6 +166,10 @@ class PatientScheduler(RQScheduler):
                     outage.wait(exc)
                 except REDIS_DOWN:
                     return  # stopped while Redis is away: its locks expire on their own
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self.stopping = True
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
 
 class JanitorSchedule:
@@ -387,8 +392,9 @@ def run_worker(settings: Settings, supervisor: int) -> int:
 
 
 def stop_with(supervisor: int) -> None:
-    """Have Linux send this process SIGTERM when the supervisor dies, so a SIGKILLed
-    supervisor leaves no rq worker behind (SIGTERM: rq's warm shutdown)."""
+    """Have Linux send this process SIGTERM when its parent (`supervisor`) dies, so a
+    SIGKILLed supervisor leaves no rq worker behind, and a dead rq worker no scheduler
+    (SIGTERM: rq's warm shutdown)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
