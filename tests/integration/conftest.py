@@ -21,6 +21,7 @@ from api.main import build_collaborators
 from core.settings import Settings
 from core.storage import Store
 from tests import servers
+from tests.faults import Outage
 from tests.http import Api
 from worker.__main__ import listened_queues
 from worker.services import JobServices
@@ -77,6 +78,13 @@ def make_env(redis_url: str, s3_endpoint: str, **overrides: str) -> dict[str, st
     }
     env.update(overrides)
     return env
+
+
+@pytest.fixture()
+def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
+    """A forwarder to the session's S3 server that a test can take down (`cut()`)."""
+    with Outage(s3_server.port, down=False) as outage:
+        yield outage
 
 
 @pytest.fixture(scope="session")

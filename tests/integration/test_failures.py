@@ -61,12 +61,6 @@ def test_interrupted_multipart_upload_is_aborted(
     assert store.keys("") == []
 
 
-@pytest.fixture()
-def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
-    with Outage(s3_server.port, down=False) as outage:
-        yield outage
-
-
 def test_store_going_away_mid_upload_is_a_503(
     start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
     env: dict[str, str],

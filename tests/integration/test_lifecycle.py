@@ -51,13 +51,6 @@ from tests.lifecycle import (
 )
 from worker.jobs import RETIRE_GRACE
 
-
-@pytest.fixture()
-def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
-    with Outage(s3_server.port, down=False) as outage:
-        yield outage
-
-
 # ------------------------------------------------------------------ 1. purge vs re-upload
 
 

@@ -62,12 +62,6 @@ from worker.services import JobServices
 
 
 @pytest.fixture()
-def s3_outage(s3_server: servers.Server) -> Iterator[Outage]:
-    with Outage(s3_server.port, down=False) as outage:
-        yield outage
-
-
-@pytest.fixture()
 def redis_outage(redis_server: servers.Server) -> Iterator[Outage]:
     with Outage(redis_server.port, down=False) as outage:
         yield outage
