@@ -79,12 +79,52 @@ class Unauthorized(PicstreamError):
     """Missing or wrong API key."""
 
 
+class InvalidToken(Unauthorized):
+    """An upload token that is malformed, forged or signed with another key."""
+
+
+class TokenExpired(Unauthorized):
+    """An upload token past its `expires_at`."""
+
+
+class TokenUsedUp(Unauthorized):
+    """An upload token whose every upload has been used."""
+
+
+class TokenRevoked(Unauthorized):
+    """An upload token revoked by its owner (DELETE /v1/upload-tokens/{jti})."""
+
+
 class NotFound(PicstreamError):
     """No such image for this owner (also what another owner's image looks like)."""
 
 
 class Conflict(PicstreamError):
     """A different image already exists under this id."""
+
+
+class OffsetMismatch(Conflict):
+    """A tus PATCH whose Upload-Offset is not where the upload stands."""
+
+
+class UploadLocked(PicstreamError):
+    """Another request is writing to this resumable upload right now."""
+
+
+class UploadExpired(PicstreamError):
+    """A resumable upload that passed its Upload-Expires (or was terminated)."""
+
+
+class ChecksumMismatch(PicstreamError):
+    """A tus PATCH whose Upload-Checksum does not match its body; nothing of it was kept."""
+
+
+class WrongContentType(PicstreamError):
+    """A request body of a media type this endpoint does not take."""
+
+
+class TusVersionUnsupported(PicstreamError):
+    """A tus request speaking a protocol version other than 1.0.0."""
 
 
 class StorageUnavailable(PicstreamError):
@@ -105,3 +145,7 @@ class Busy(PicstreamError):
 
 class Forbidden(PicstreamError):
     """A signed link that is expired, tampered with, or used for something else."""
+
+
+class TokenNotAllowed(Forbidden):
+    """A valid upload token used where only an API key will do (reads, deletes, minting)."""

@@ -35,6 +35,10 @@ OWNER_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 QUEUE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_KEY_LENGTH = 16
 DEFAULT_FORMATS = SUPPORTED_FORMATS
+_CACHE = ("private", "public")
+# Stores abort unfinished multipart uploads on their own after a day (MinIO's default):
+# a resumable upload must end before that.
+TUS_MAX_EXPIRY = 23 * 3600.0
 
 
 class ConfigError(ValueError):
@@ -96,6 +100,22 @@ class Settings:
     # An upload's lease (its id reservation and multipart registration) lives this long
     # unless renewed; the uploading process renews it every third of it.
     lease_seconds: float = 15.0
+    # Browsers on these origins may call the API (exact `scheme://host[:port]`); "*" lets
+    # any origin read signed links, never anything that needs a key or token.
+    cors_origins: frozenset[str] = frozenset()
+    # Signed links answered `Cache-Control: public` (a CDN may keep them until they expire)
+    # instead of `private`.
+    signed_cache_public: bool = False
+    # Upload tokens (POST /v1/upload-tokens): lifetime and uploads when the request names
+    # none, and the most a request may ask for.
+    token_ttl: int = 3600
+    token_max_ttl: int = 86_400
+    token_uploads: int = 1
+    token_max_uploads: int = 1000
+    # A resumable (tus) upload must finish within this of its creation. Kept below the
+    # store's own expiry of unfinished multipart uploads (MinIO: 24 h), so the janitor, not
+    # the store, ends it, and its state and parts go together.
+    tus_expiry: float = 12 * 3600.0
 
     # ------------------------------------------------------------ conversion (worker)
     queue: str = "convert"
@@ -174,6 +194,13 @@ class Settings:
             signing_key=self.signing_key,
             presign_seconds=self.presign_seconds,
             lease_seconds=self.lease_seconds,
+            cors_origins=self.cors_origins,
+            signed_cache_public=self.signed_cache_public,
+            token_ttl=self.token_ttl,
+            token_max_ttl=self.token_max_ttl,
+            token_uploads=self.token_uploads,
+            token_max_uploads=self.token_max_uploads,
+            tus_expiry=self.tus_expiry,
         )
 
     @property
@@ -249,6 +276,13 @@ class Settings:
             signing_key=r.secret("PICSTREAM_SIGNING_KEY"),
             presign_seconds=r.integer("PICSTREAM_PRESIGN_SECONDS", 300, 1, 7 * 86_400),
             lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
+            cors_origins=r.origins("PICSTREAM_CORS_ORIGINS"),
+            signed_cache_public=r.choice("PICSTREAM_SIGNED_CACHE", "private", _CACHE) == "public",
+            token_ttl=r.integer("PICSTREAM_TOKEN_TTL", 3600, 1, 7 * 86_400),
+            token_max_ttl=r.integer("PICSTREAM_TOKEN_MAX_TTL", 86_400, 1, 7 * 86_400),
+            token_uploads=r.integer("PICSTREAM_TOKEN_UPLOADS", 1, 1, 1_000_000),
+            token_max_uploads=r.integer("PICSTREAM_TOKEN_MAX_UPLOADS", 1000, 1, 1_000_000),
+            tus_expiry=r.seconds("PICSTREAM_TUS_EXPIRY", 12 * 3600.0, high=TUS_MAX_EXPIRY),
             # conversion
             queue=r.name("PICSTREAM_QUEUE", "convert"),
             bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
@@ -272,6 +306,7 @@ class Settings:
             ),
         )
         _check_budgets(settings)
+        _check_tokens(settings)
         _check_webhooks(settings)
         _check_queues(settings)
         return settings
@@ -319,6 +354,13 @@ class WebSettings:
     signing_key: bytes | None = field(repr=False)
     presign_seconds: int
     lease_seconds: float
+    cors_origins: frozenset[str]
+    signed_cache_public: bool
+    token_ttl: int
+    token_max_ttl: int
+    token_uploads: int
+    token_max_uploads: int
+    tus_expiry: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +400,13 @@ def _check_budgets(settings: Settings) -> None:
             f" ({budgets}) must leave threads free for other requests: raise"
             f" PICSTREAM_WEB_THREADS ({settings.web_threads}) above {budgets}"
         )
+
+
+def _check_tokens(settings: Settings) -> None:
+    if settings.token_ttl > settings.token_max_ttl:
+        raise ConfigError("PICSTREAM_TOKEN_TTL must not exceed PICSTREAM_TOKEN_MAX_TTL")
+    if settings.token_uploads > settings.token_max_uploads:
+        raise ConfigError("PICSTREAM_TOKEN_UPLOADS must not exceed PICSTREAM_TOKEN_MAX_UPLOADS")
 
 
 def _check_webhooks(settings: Settings) -> None:
@@ -427,15 +476,33 @@ class _Reader:
             raise ConfigError(f"{name} must be between {low} and {high} bytes, got {value}")
         return value
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, high: float = 86_400) -> float:
         raw = self._raw(name, str(default))
         try:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not 0 < value <= 86_400:
-            raise ConfigError(f"{name} must be between 0 and 86400 seconds, got {value}")
+        if not 0 < value <= high:
+            raise ConfigError(f"{name} must be between 0 and {high:g} seconds, got {value}")
         return value
+
+    def origins(self, name: str) -> frozenset[str]:
+        """Comma-separated exact origins (`https://app.example.com`, `http://127.0.0.1:3000`),
+        or `*`. An origin has no path, query or trailing slash: browsers send it that way."""
+        found = set()
+        for item in self.env.get(name, "").split(","):
+            origin = item.strip()
+            if not origin:
+                continue
+            if origin != "*" and not re.fullmatch(
+                r"https?://([a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:]+\])(:\d{1,5})?", origin
+            ):
+                raise ConfigError(
+                    f"{name}: {origin!r} is not an origin like https://app.example.com"
+                    " (lower case, no path, no trailing slash) or *"
+                )
+            found.add(origin)
+        return frozenset(found)
 
     def url(self, name: str, default: str | None, schemes: tuple[str, ...]) -> str:
         raw = self._raw(name, default)
