@@ -6,12 +6,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint setup redis-server nginx clean
+.PHONY: run test lint setup redis-server nginx chromium clean
 
 run: setup redis-server nginx
 	$(BIN)/python deploy/devstack.py
 
-test: setup redis-server nginx
+test: setup redis-server nginx chromium
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest --durations=15
 
@@ -47,6 +47,19 @@ nginx:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
 	  else \
 	    echo "nginx is missing: install it (sudo apt-get install nginx) and re-run"; exit 1; \
+	  fi; }
+
+# Debian's chromium for the browser tests (Playwright drives it through executable_path; no
+# browser build is downloaded) from apt when missing and we are root; likewise. Recommends are
+# skipped (avahi, samba, cups helpers: nothing a headless browser uses), fonts kept.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium fonts-liberation >/dev/null; \
+	  else \
+	    echo "chromium is missing: install it (sudo apt-get install chromium) and re-run"; exit 1; \
 	  fi; }
 
 clean:

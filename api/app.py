@@ -14,7 +14,9 @@ from rq import Queue
 
 from api import errors
 from api.auth import AuthMiddleware, KeyRing
+from api.cors import Cors
 from api.deletion import Deletion
+from api.downloads import SignedCaching
 from api.events import EventHub, Events
 from api.files import Best, Files, Original, VariantFile
 from api.health import Health, Ready
@@ -25,12 +27,16 @@ from api.openapi import OpenAPIDocument
 from api.presign import Presigner
 from api.reconvert import Reconversion, Reconvert
 from api.signed_links import SignedLinks
+from api.tokens import MintedToken, MintedTokens, TokenRules
+from api.tus import Resumable, TusCreation, TusUpload
 from api.uploads import Uploads, upload_limits
 from core.errors import PicstreamError
 from core.leases import Leases
 from core.records import Records
 from core.settings import Settings
 from core.storage import Store
+from core.tokens import UploadTokens
+from core.tus import TusStates
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +56,7 @@ class Collaborators:
     upload_slots: Slots
     stream_slots: Slots
     download_slots: Slots  # downloads whose body the process relays
+    tokens: UploadTokens  # upload tokens: minted, verified, spent (state in Redis)
 
 
 def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
@@ -57,7 +64,11 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     keys = c.settings.api_keys
     if not keys:
         raise ValueError("PICSTREAM_API_KEYS is empty: no client could authenticate")
-    app = falcon.App(middleware=[AuthMiddleware(KeyRing(keys), c.settings.signing_key)])
+    auth = AuthMiddleware(KeyRing(keys), c.settings.signing_key, c.tokens)
+    cors = Cors(c.settings.cors_origins)  # first: a preflight never reaches authentication
+    app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
+        middleware=[cors, auth, SignedCaching(c.settings.signed_cache_public)]
+    )
     # Uploads are streamed by hand; falcon must never try to buffer or parse the body.
     app.req_options.auto_parse_form_urlencoded = False
     app.req_options.strip_url_path_trailing_slash = True
@@ -74,19 +85,21 @@ def _routes(c: Collaborators) -> list[tuple[str, object]]:
     settings, records, store = c.settings, c.records, c.store
     links = SignedLinks(settings.signing_key)
     files = Files(store, c.download_pool, c.download_slots, c.presigner)
+    upload_case = Uploads(
+        store,
+        records,
+        c.leases,
+        c.queue,
+        c.part_uploads,
+        limits=upload_limits(settings),
+        retry_intervals=settings.retry_intervals,
+        redis_timeout=settings.redis_timeout,
+    )
     uploads = UploadRequests(
-        Uploads(
-            store,
-            records,
-            c.leases,
-            c.queue,
-            c.part_uploads,
-            limits=upload_limits(settings),
-            retry_intervals=settings.retry_intervals,
-            redis_timeout=settings.redis_timeout,
-        ),
+        upload_case,
         c.upload_slots,
         settings.profiles,
+        c.tokens,
         read_timeout=settings.read_timeout,
         webhook_hosts=settings.webhook_hosts,
     )
@@ -100,6 +113,19 @@ def _routes(c: Collaborators) -> list[tuple[str, object]]:
     )
     deletion = Deletion(records, store, settings.job_timeout)
     events = Events(records, c.hub, c.stream_slots, links, heartbeat=settings.sse_heartbeat)
+    resumable = Resumable(
+        store,
+        records,
+        TusStates(records.redis, c.leases),
+        upload_case,
+        c.tokens,
+        c.part_uploads,
+        limits=upload_limits(settings),
+        profiles=settings.profiles,
+        expiry=settings.tus_expiry,
+        webhook_hosts=settings.webhook_hosts,
+    )
+    read_timeout = settings.read_timeout
     return [
         ("/healthz", Health()),
         ("/readyz", Ready(records, store)),
@@ -111,4 +137,13 @@ def _routes(c: Collaborators) -> list[tuple[str, object]]:
         ("/v1/images/{image_id}/variants/{name}", VariantFile(records, files)),
         ("/v1/images/{image_id}/best", Best(records, files)),
         ("/v1/images/{image_id}/events", events),
+        (
+            "/v1/upload-tokens",
+            MintedTokens(
+                c.tokens, TokenRules.from_settings(settings), read_timeout=settings.read_timeout
+            ),
+        ),
+        ("/v1/upload-tokens/{jti}", MintedToken(c.tokens)),
+        ("/v1/tus", TusCreation(resumable, c.upload_slots, read_timeout)),
+        ("/v1/tus/{upload_id}", TusUpload(resumable, c.tokens, c.upload_slots, read_timeout)),
     ]

@@ -21,6 +21,7 @@ failures to the same 404/503 problems.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +36,7 @@ from api.http import (
     content_disposition,
     etag_matches,
     if_range_allows,
+    modified_since,
     parse_range,
 )
 from api.limits import CountedBody, Slots
@@ -48,6 +50,9 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 # Without the version in the URL the bytes behind it may change (a reconvert with another
 # profile rewrites `w1024.webp`): caches must revalidate, which the ETag makes cheap.
 REVALIDATE = "private, no-cache"
+# A pinned signed link with PICSTREAM_SIGNED_CACHE=public: a CDN may keep it, but not past
+# the moment the link stops working (after that, the origin would refuse it).
+SHARED = "public, max-age={seconds}, immutable"
 VERSION_LENGTH = 16
 
 # Hand-off to nginx (deploy/nginx.conf, location /_picstream/store). The WSGI name of the
@@ -66,12 +71,35 @@ HANDED_OVER = (
     "Accept-Ranges",
     "X-Content-Type-Options",
     "Vary",
+    "Access-Control-Allow-Origin",  # api/cors.py
+    "Access-Control-Expose-Headers",
 )
 
 
 def version(blake3: str) -> str:
     """The `?v=` that pins a URL to these bytes (links in records carry it)."""
     return blake3[:VERSION_LENGTH]
+
+
+class SignedCaching:
+    """Middleware: whether shared caches (CDNs) may keep pinned signed links
+    (PICSTREAM_SIGNED_CACHE=public), told to every request as `req.context.shared_cache`
+    for `_cache_control`. Only api/auth.py marks a request signed (`req.context.signed`),
+    after checking its signature; a request with the key is never public."""
+
+    def __init__(self, public: bool) -> None:
+        self.public = public
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.shared_cache = self.public
+
+
+def front_name(resp: falcon.Response, name: str) -> str:
+    """The name header `name` must be set under on `resp`: when the download is handed to
+    nginx, one of HANDED_OVER travels as FRONT_PREFIX + name (deploy/nginx.conf puts it
+    back). For middleware that adds headers after the resource has answered (api/cors.py)."""
+    handed_off = resp.get_header("X-Accel-Redirect") == STORE_LOCATION
+    return FRONT_PREFIX + name if handed_off and name in HANDED_OVER else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,45 +122,72 @@ def serve(
     prefetch: Executor | None = None,
     *,
     slots: Slots,
+    pinnable: bool = True,
 ) -> None:
     """Answer GET/HEAD for one stored blob: 200, 206, 304 or 416 — or the problem the store
     had (503 when it is down, 404 when the file is gone), raised before any header is set.
-    A relayed body holds one of `slots` (503 busy when none is free)."""
+    A relayed body holds one of `slots` (503 busy when none is free). `pinnable=False`: the
+    URL names no fixed bytes (`/best`), so `?v=` never makes it immutable."""
     etag = f'"{blob.blake3}"'
-    if etag_matches(req.get_header("If-None-Match"), etag):
-        _describe(req, resp, blob, etag)
+    if _not_modified(req, blob, etag):
+        _describe(req, resp, blob, etag, pinnable)
+        resp.delete_header("Content-Type")  # RFC 9110 15.4.5: a 304 carries no content
         resp.status = falcon.HTTP_304
         return
     try:
         wanted = _range(req, blob, etag)
     except Unsatisfiable:
-        _describe(req, resp, blob, etag)
+        _describe(req, resp, blob, etag, pinnable)
         raise falcon.HTTPRangeNotSatisfiable(blob.size) from None
     start, length = (0, blob.size) if wanted is None else (wanted.start, wanted.length)
     if req.method == "GET" and length and req.env.get(ACCEL_MARK) == "1":
-        _describe(req, resp, blob, etag)
+        _describe(req, resp, blob, etag, pinnable)
         _hand_off(resp, store, blob, wanted)
         return
     if req.method == "HEAD" or length == 0:
         _ask_store(req, store, blob, start, length)  # a stat: no body to relay
     else:  # from here on the WSGI server closes the relay
         resp.stream = _relay(req, store, blob, start, length, prefetch, slots)
-    _describe(req, resp, blob, etag)
+    _describe(req, resp, blob, etag, pinnable)
     if wanted is not None:
         resp.status = falcon.HTTP_206
         resp.set_header("Content-Range", wanted.content_range(blob.size))
     resp.content_length = length
 
 
-def _describe(req: falcon.Request, resp: falcon.Response, blob: Blob, etag: str) -> None:
+def _not_modified(req: falcon.Request, blob: Blob, etag: str) -> bool:
+    """RFC 9110 13.2.2: If-None-Match decides when present; only without it does
+    If-Modified-Since (`curl -z`, `wget -N`, caches revalidating by date)."""
+    if_none_match = req.get_header("If-None-Match")
+    if if_none_match is not None:
+        return etag_matches(if_none_match, etag)
+    return not modified_since(req.get_header("If-Modified-Since"), blob.modified)
+
+
+def _describe(
+    req: falcon.Request, resp: falcon.Response, blob: Blob, etag: str, pinnable: bool
+) -> None:
     resp.set_header("ETag", etag)
     resp.set_header("Last-Modified", format_datetime(blob.modified, usegmt=True))
     resp.set_header("Accept-Ranges", "bytes")
-    pinned = req.get_param("v") == version(blake3=blob.blake3)
-    resp.set_header("Cache-Control", IMMUTABLE if pinned else REVALIDATE)
+    resp.set_header("Cache-Control", _cache_control(req, blob, pinnable))
     resp.set_header("X-Content-Type-Options", "nosniff")
     resp.set_header("Content-Disposition", content_disposition(blob.filename))
     resp.content_type = blob.content_type
+
+
+def _cache_control(req: falcon.Request, blob: Blob, pinnable: bool) -> str:
+    """Immutable only when the URL pins these bytes; public (a CDN may keep it) only for a
+    pinned signed link on a deployment that allows it, and no longer than the link lives.
+    An answer to a request with the key is always private: the key is not in the URL, so a
+    shared cache would hand it to anyone who asks for the same URL."""
+    if not (pinnable and req.get_param("v") == version(blake3=blob.blake3)):
+        return REVALIDATE
+    if req.context.get("signed") and req.context.get("shared_cache"):
+        # `expires` was verified (ASCII digits, not past) before the request got here.
+        remaining = max(0, int(req.get_param("expires") or 0) - int(time.time()))
+        return SHARED.format(seconds=remaining)
+    return IMMUTABLE
 
 
 def _hand_off(resp: falcon.Response, store: Store, blob: Blob, wanted: ByteRange | None) -> None:

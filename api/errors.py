@@ -39,6 +39,8 @@ TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
     e.NotFound: (404, "not-found", "Not found"),
     e.ClientTimeout: (408, "body-timeout", "Request body timed out"),
     e.Conflict: (409, "conflict", "Conflict"),
+    e.ImageExists: (409, "conflict", "Conflict"),
+    e.UploadInProgress: (409, "conflict", "Conflict"),
     e.OffsetMismatch: (409, "offset-mismatch", "Upload-Offset does not match"),
     e.UploadExpired: (410, "upload-expired", "Upload expired"),
     e.TusVersionUnsupported: (412, "tus-version", "Unsupported tus version"),

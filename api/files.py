@@ -34,8 +34,10 @@ class Files:
     slots: Slots
     presigner: Presigner
 
-    def send(self, req: falcon.Request, resp: falcon.Response, blob: Blob) -> None:
-        serve(req, resp, self.store, blob, self.read_ahead, slots=self.slots)
+    def send(
+        self, req: falcon.Request, resp: falcon.Response, blob: Blob, *, pinnable: bool = True
+    ) -> None:
+        serve(req, resp, self.store, blob, self.read_ahead, slots=self.slots, pinnable=pinnable)
 
     def send_or_redirect(self, req: falcon.Request, resp: falcon.Response, blob: Blob) -> None:
         """`?redirect=1`: a short-lived presigned URL on the public S3 endpoint instead."""
@@ -88,7 +90,9 @@ class Best:
         width = req.get_param_as_int("width", min_value=1, max_value=100_000, default=1)
         variant = best_variant(record, width, req.get_header("Accept"))
         resp.set_header("Vary", "Accept")
-        self.files.send(req, resp, variant_blob(record, variant))
+        # The same URL names other bytes for another Accept or after a reconvert: never
+        # immutable, whatever `?v=` it carries.
+        self.files.send(req, resp, variant_blob(record, variant), pinnable=False)
 
     on_head = on_get
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import quote
 
 # RFC 9110 14.1: range units are case-insensitive. Digits are ASCII only (`\d` would also take
@@ -88,6 +90,22 @@ def etag_matches(header: str | None, etag: str) -> bool:
         if tag == "*" or tag.removeprefix("W/") == etag:
             return True
     return False
+
+
+def modified_since(header: str | None, modified: datetime) -> bool:
+    """If-Modified-Since (RFC 9110 13.1.3): False when the client's copy, dated by the header,
+    is current (`modified`, to the second as Last-Modified sends it, is not later), so a 304
+    is due. A missing or unparseable date is ignored (True). The caller checks the rest of
+    the rule: GET/HEAD only, and only without If-None-Match."""
+    if not header:
+        return True
+    try:
+        since = parsedate_to_datetime(header.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return True
+    if since.tzinfo is None:  # "-0000": a date in UTC with no zone information
+        since = since.replace(tzinfo=UTC)
+    return modified.replace(microsecond=0) > since
 
 
 def if_range_allows(header: str | None, etag: str) -> bool:

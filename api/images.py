@@ -11,6 +11,7 @@ import falcon
 from api.body import upload_body
 from api.deletion import Deletion
 from api.digest import parse_repr_digest
+from api.grants import Resolved, narrowed, resolve, spend
 from api.limits import Slots
 from api.listing import Listing
 from api.signed_links import SignedLinks
@@ -19,19 +20,23 @@ from api.views import record_json
 from core.models import ImageRecord, validate_image_id
 from core.profiles import Profiles
 from core.records import Records
+from core.tokens import UploadTokens
 from core.webhooks import check_url
 
 
 class UploadRequests:
-    """The HTTP side of an upload, the same for POST and PUT: `?profile=` and `Repr-Digest`
-    are checked first; then, holding one of `slots`, the body is opened, `?callback=URL` is
-    checked against the webhook allow-list, and the use case reads the body."""
+    """The HTTP side of an upload, the same for POST and PUT: what an upload token fixes or
+    limits is applied (api/grants.py), `?profile=` and `Repr-Digest` are checked first; then,
+    with one use of the token spent and holding one of `slots`, the body is opened,
+    `?callback=URL` is checked against the webhook allow-list, and the use case reads the
+    body. An upload that fails gives its token's use back."""
 
     def __init__(
         self,
         uploads: Uploads,
         slots: Slots,
         profiles: Profiles,
+        tokens: UploadTokens,
         *,
         read_timeout: float,
         webhook_hosts: frozenset[str],
@@ -39,34 +44,70 @@ class UploadRequests:
         self.uploads = uploads
         self.slots = slots
         self.profiles = profiles
+        self.tokens = tokens
         self.read_timeout = read_timeout
         self.webhook_hosts = webhook_hosts
 
-    def create(self, req: falcon.Request) -> ImageRecord:
-        profile = self.profiles.require(req.get_param("profile"))
+    def create(self, req: falcon.Request) -> tuple[ImageRecord, bool]:
+        """POST. Returns (record, created): with a token bound to an image id, the upload
+        goes under that id as a PUT would (the same bytes again: the existing record)."""
+        wanted = self._resolve(req, None)
+        if wanted.image_id is not None:
+            return self._put(req, wanted.image_id, wanted)
+        profile = self.profiles.require(wanted.profile)
         digests = parse_repr_digest(req.get_header("Repr-Digest"))
-        with self.slots.hold():
+        grant = req.context.grant
+        with spend(self.tokens, grant), self.slots.hold():
             body = upload_body(req, self.read_timeout)
-            return self.uploads.create(
-                req.context.owner, body, digests, profile, self._callback(req)
+            record = self.uploads.create(
+                req.context.owner,
+                body,
+                digests,
+                profile,
+                self._callback(wanted),
+                limits=narrowed(self.uploads.limits, grant),
             )
+        return record, True
 
     def put(self, req: falcon.Request, image_id: str) -> tuple[ImageRecord, bool]:
-        profile = self.profiles.require(req.get_param("profile"))
+        return self._put(req, image_id, self._resolve(req, image_id))
+
+    def _put(
+        self, req: falcon.Request, image_id: str, wanted: Resolved
+    ) -> tuple[ImageRecord, bool]:
+        profile = self.profiles.require(wanted.profile)
         digests = parse_repr_digest(req.get_header("Repr-Digest"))
-        with self.slots.hold():
+        grant = req.context.grant
+        with spend(self.tokens, grant), self.slots.hold():
             body = upload_body(req, self.read_timeout)
             return self.uploads.put(
-                req.context.owner, image_id, body, digests, profile, self._callback(req)
+                req.context.owner,
+                image_id,
+                body,
+                digests,
+                profile,
+                self._callback(wanted),
+                limits=narrowed(self.uploads.limits, grant),
             )
 
-    def _callback(self, req: falcon.Request) -> str | None:
-        url = req.get_param("callback")
+    def _resolve(self, req: falcon.Request, image_id: str | None) -> Resolved:
+        return resolve(
+            req.context.grant,
+            image_id=image_id,
+            profile=req.get_param("profile"),
+            callback=req.get_param("callback"),
+        )
+
+    def _callback(self, wanted: Resolved) -> str | None:
+        # Checked at every upload, a token's too: the allow-list may have changed since.
+        url = wanted.callback
         return check_url(url, self.webhook_hosts) if url else None
 
 
 class Images:
     """/v1/images"""
+
+    upload_methods = frozenset({"POST"})  # an upload token may POST here (api/auth.py)
 
     def __init__(self, listing: Listing, uploads: UploadRequests) -> None:
         self.listing = listing
@@ -80,14 +121,16 @@ class Images:
         resp.media = page
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        record = self.uploads.create(req)
-        resp.status = falcon.HTTP_201
+        record, created = self.uploads.create(req)
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.location = f"/v1/images/{record.id}"
         resp.media = record_json(req, record)
 
 
 class Image:
     """/v1/images/{image_id}"""
+
+    upload_methods = frozenset({"PUT"})  # an upload token may PUT here (api/auth.py)
 
     def __init__(
         self, records: Records, links: SignedLinks, uploads: UploadRequests, deletion: Deletion

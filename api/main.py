@@ -21,6 +21,7 @@ from core.leases import Leases
 from core.records import Records, connect
 from core.settings import Settings
 from core.storage import Store
+from core.tokens import UploadTokens
 
 
 def build_collaborators(settings: Settings) -> Collaborators:
@@ -45,6 +46,7 @@ def build_collaborators(settings: Settings) -> Collaborators:
         upload_slots=Slots(uploads, "uploads"),
         stream_slots=Slots(settings.max_event_streams, "event streams", retry_after=15),
         download_slots=Slots(settings.max_downloads, "downloads"),
+        tokens=UploadTokens(redis, settings.signing_key),
     )
 
 

@@ -9,15 +9,17 @@ the client is answered; if it did not commit, the objects are deleted again.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import replace
 
+from redis.client import Pipeline
 from rq import Queue
 
 from api.body import UploadBody
-from core.errors import Conflict, PicstreamError, TooLarge
+from core.errors import ImageExists, PicstreamError, TooLarge
 from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
 from core.leases import Leases, UploadLease
@@ -88,13 +90,17 @@ class Uploads:
         digests: Mapping[str, bytes],
         profile: Profile,
         callback: str | None = None,
+        *,
+        limits: Limits | None = None,
     ) -> ImageRecord:
         """POST: a new image under a server-chosen id, to be converted with `profile`;
-        `callback` receives the final record (a webhook)."""
-        self._check_envelope(body)
+        `callback` receives the final record (a webhook). `limits` replaces the use case's
+        own (an upload token's, narrowed within them: api/grants.py)."""
+        uploads = self._within(limits)
+        uploads._check_envelope(body)
         image_id = new_image_id()
         with self.leases.hold(owner, image_id) as lease:
-            return self._store_new(lease, body, digests, profile, callback)
+            return uploads._store_new(lease, body, digests, profile, callback)
 
     def put(
         self,
@@ -104,18 +110,31 @@ class Uploads:
         digests: Mapping[str, bytes],
         profile: Profile,
         callback: str | None = None,
+        *,
+        limits: Limits | None = None,
     ) -> tuple[ImageRecord, bool]:
         """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record
         (its profile unchanged: reconvert changes profiles); different bytes under an
-        existing id -> Conflict; another upload of the id in progress -> Conflict."""
-        self._check_envelope(body)
+        existing id -> ImageExists; another upload of the id in progress -> UploadInProgress.
+        `limits` as for `create`."""
+        uploads = self._within(limits)
+        uploads._check_envelope(body)
         records = self.records
         if not records.exists(owner, image_id):
             with self.leases.hold(owner, image_id) as lease:
                 # Re-check under the lease: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
-                    return self._store_new(lease, body, digests, profile, callback), True
-        return self._same_or_conflict(records.get(owner, image_id), body, digests), False
+                    return uploads._store_new(lease, body, digests, profile, callback), True
+        return uploads._same_or_conflict(records.get(owner, image_id), body, digests), False
+
+    def _within(self, limits: Limits | None) -> Uploads:
+        """This use case with `limits` in place of its own: a shallow copy, as it keeps no
+        per-upload state, so every step (envelope, ingest, same-bytes check) sees them."""
+        if limits is None or limits == self.limits:
+            return self
+        within = copy.copy(self)
+        within.limits = limits
+        return within
 
     def _store_new(
         self,
@@ -143,37 +162,80 @@ class Uploads:
             vset=new_generation(),
         )
         try:
-            self.store.put_json(keys.record, record.to_dict())
-            queue, intervals = self.queue, self.retry_intervals
-            self.records.commit(
-                record,
-                lease,
-                lambda pipe: enqueue_convert(queue, record, record.vset, pipe, intervals=intervals),
-                self.fence,
-            )
+            self._commit(record, keys, lease)
         except BaseException:
             self._discard(keys, sink, lease)
             raise
+        return record
+
+    def adopt(
+        self,
+        keys: ObjectKeys,
+        ingested: Ingested,
+        filename: str | None,
+        profile: Profile,
+        callback: str | None,
+        also: Callable[[Pipeline], object],
+    ) -> tuple[ImageRecord, bool]:
+        """Make an original already stored under `keys` (a resumable upload's, api/tus.py)
+        an image, as a plain upload commits one: under the id's lease, the record's bucket
+        copy, then the record and its job in one fenced transaction, which `also` joins.
+        An id that exists already: the same bytes -> (that record, False), other bytes ->
+        ImageExists; the stored original is then the caller's to delete. Raises
+        UploadInProgress while a plain upload holds the id."""
+        owner, image_id = keys.owner, keys.image_id
+        with self.leases.hold(owner, image_id) as lease:
+            if self.records.exists(owner, image_id):
+                existing = self.records.get(owner, image_id)
+                if existing.blake3 != ingested.blake3 or existing.size != ingested.size:
+                    raise ImageExists(f"image {image_id!r} already exists with different content")
+                return existing, False
+            record = replace(
+                _new_record(owner, image_id, ingested, filename, profile),
+                callback=callback,
+                gen=keys.gen,
+                vset=new_generation(),
+            )
+            self._commit(record, keys, lease, also)
+            return record, True
+
+    def _commit(
+        self,
+        record: ImageRecord,
+        keys: ObjectKeys,
+        lease: UploadLease,
+        also: Callable[[Pipeline], object] | None = None,
+    ) -> None:
+        """The record's copy in the bucket, then the record and its conversion job (and
+        `also`) in one transaction fenced by the lease (core/records.py `commit`)."""
+        self.store.put_json(keys.record, record.to_dict())
+        queue, intervals = self.queue, self.retry_intervals
+
+        def in_transaction(pipe: Pipeline) -> None:
+            enqueue_convert(queue, record, record.vset, pipe, intervals=intervals)
+            if also is not None:
+                also(pipe)
+
+        self.records.commit(record, lease, in_transaction, self.fence)
         log.info(
             "stored %s/%s (%s): %s %d bytes %sx%s",
-            owner,
-            image_id,
+            record.owner,
+            record.id,
             keys.gen,
             record.format,
             record.size,
             record.width,
             record.height,
         )
-        return record
 
     def _same_or_conflict(
         self, existing: ImageRecord, body: UploadBody, digests: Mapping[str, bytes]
     ) -> ImageRecord:
         if body.declared_size is not None and body.declared_size != existing.size:
-            raise Conflict(f"image {existing.id!r} already exists with different content")
+            raise ImageExists(f"image {existing.id!r} already exists with different content")
         ingested = Ingest(body.source, self.limits, NullSink(), body.declared_size, digests).run()
         if ingested.blake3 != existing.blake3 or ingested.size != existing.size:
-            raise Conflict(f"image {existing.id!r} already exists with different content")
+            raise ImageExists(f"image {existing.id!r} already exists with different content")
         return existing
 
     def _discard(self, keys: ObjectKeys, sink: ObjectSink, lease: UploadLease) -> None:

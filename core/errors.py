@@ -103,6 +103,14 @@ class Conflict(PicstreamError):
     """A different image already exists under this id."""
 
 
+class ImageExists(Conflict):
+    """An image with other bytes already exists under this id."""
+
+
+class UploadInProgress(Conflict):
+    """Another upload of this image id holds its lease right now."""
+
+
 class OffsetMismatch(Conflict):
     """A tus PATCH whose Upload-Offset is not where the upload stands."""
 

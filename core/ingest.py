@@ -236,16 +236,7 @@ class Ingest:
         return found, 0
 
     def _check(self, found: Sniffed) -> None:
-        if found.format not in self.limits.allowed_formats:
-            accepted = ", ".join(sorted(self.limits.allowed_formats))
-            raise UnsupportedFormat(f"{found.format} images are not accepted here ({accepted} are)")
-        if found.width is not None and found.height is not None:
-            pixels = found.width * found.height
-            if pixels > self.limits.max_pixels:
-                raise TooManyPixels(
-                    f"{found.width}x{found.height} is {pixels} pixels,"
-                    f" above the limit of {self.limits.max_pixels}"
-                )
+        check_sniffed(found, self.limits)
 
     def _verify(self, checks: Mapping[str, hashlib._Hash]) -> None:
         for name, check in checks.items():
@@ -255,4 +246,22 @@ class Ingest:
                 )
 
     def _too_large_detail(self) -> str:
-        return f"the body is larger than the limit of {self.limits.max_bytes} bytes"
+        return too_large_detail(self.limits)
+
+
+def check_sniffed(found: Sniffed, limits: Limits) -> None:
+    """Refuse what the head shows is not acceptable: a format not allowed, too many pixels."""
+    if found.format not in limits.allowed_formats:
+        accepted = ", ".join(sorted(limits.allowed_formats))
+        raise UnsupportedFormat(f"{found.format} images are not accepted here ({accepted} are)")
+    if found.width is not None and found.height is not None:
+        pixels = found.width * found.height
+        if pixels > limits.max_pixels:
+            raise TooManyPixels(
+                f"{found.width}x{found.height} is {pixels} pixels,"
+                f" above the limit of {limits.max_pixels}"
+            )
+
+
+def too_large_detail(limits: Limits) -> str:
+    return f"the body is larger than the limit of {limits.max_bytes} bytes"

@@ -39,7 +39,7 @@ from typing import cast
 import redis
 from redis import Redis
 
-from core.errors import Conflict, QueueUnavailable
+from core.errors import QueueUnavailable, UploadInProgress
 from core.records import NS, PURGES_KEY, Purge, lease_key
 
 log = logging.getLogger(__name__)
@@ -218,11 +218,11 @@ class Leases:
 
     @contextmanager
     def hold(self, owner: str, image_id: str) -> Iterator[UploadLease]:
-        """The lease on `image_id` for the duration of the block; Conflict if another
-        upload holds it."""
+        """The lease on `image_id` for the duration of the block; UploadInProgress if
+        another upload holds it."""
         lease = UploadLease(self.redis, owner, image_id, self.ttl)
         if not lease.acquire():
-            raise Conflict(f"an upload to image {image_id!r} is already in progress")
+            raise UploadInProgress(f"an upload to image {image_id!r} is already in progress")
         self._track(lease)
         try:
             yield lease

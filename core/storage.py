@@ -27,7 +27,7 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import urllib3
 from minio import Minio
@@ -79,6 +79,12 @@ def _body(data: bytes | memoryview) -> bytes:
     # The SDK is annotated for bytes, but only takes len() and hashes the body, and urllib3
     # sends any buffer: a memoryview of the part buffer avoids copying 16 MiB per part.
     return cast("bytes", data)
+
+
+class Writable(Protocol):
+    """Where `download` puts bytes: a file, or anything else with `write`."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 class Tracker(Protocol):
@@ -218,7 +224,7 @@ class Store:
     def get_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
 
-    def download(self, key: str, out: BinaryIO, chunk_size: int = 1024 * 1024) -> int:
+    def download(self, key: str, out: Writable, chunk_size: int = 1024 * 1024) -> int:
         """Stream one object into a file in `chunk_size` pieces (constant memory, whatever
         the object's size). Returns the byte count."""
         written = 0

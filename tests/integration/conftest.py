@@ -7,11 +7,13 @@ in-process through falcon.testing (faster, for behaviour that does not depend on
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import falcon.testing
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 from redis import Redis
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
@@ -20,7 +22,8 @@ from api.app import Collaborators, create_app
 from api.main import build_collaborators
 from core.settings import Settings
 from core.storage import Store
-from tests import servers
+from tests import browser as browser_helpers
+from tests import images, servers
 from tests.faults import Outage
 from tests.http import Api
 from worker.__main__ import listened_queues
@@ -240,3 +243,155 @@ def nginx(env: dict[str, str], workdir: Path, store: Store) -> Iterator[servers.
     )
     yield front
     front.stop()
+
+
+# ------------------------------------------------------------------ direct uploads (issue #9)
+# A browser on another origin and tus clients uploading without the API key: Debian's
+# chromium through Playwright, a static site for the browser's pages, real images to upload,
+# and an API started with CORS for that site (optionally behind a Tripwire to cut it).
+
+BROWSER_PROFILES = """
+[profiles.default]
+formats = ["jpeg"]
+widths = [256]
+
+[profiles.thumbs]
+formats = ["webp", "jpeg"]
+widths = [256, 512]
+"""
+
+
+@dataclass(frozen=True)
+class SiteFile:
+    """A generated image served by the site under /files/NAME."""
+
+    path: Path
+    blake3: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """Headless Debian chromium for the session (make test installs it)."""
+    with sync_playwright() as playwright:
+        browser = browser_helpers.launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def browser_page(chromium: Browser, tmp_path: Path) -> Iterator[browser_helpers.Tab]:
+    """A page in a fresh context. On failure its console and a screenshot (under the
+    test's tmp_path) are added to the report (pytest_runtest_makereport below)."""
+    tab = browser_helpers.Tab(chromium, tmp_path)
+    yield tab
+    tab.close()
+
+
+@pytest.fixture(scope="session")
+def site_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("site-files")
+
+
+@pytest.fixture(scope="session")
+def site(site_files: Path) -> Iterator[browser_helpers.StaticSite]:
+    """The web app's origin: tests/pages, api/static/vendor and the generated images."""
+    static = browser_helpers.StaticSite(site_files)
+    yield static
+    static.stop()
+
+
+@pytest.fixture(scope="session")
+def big_tiff(site_files: Path) -> SiteFile:
+    """A genuine uncompressed RGB TIFF of about 64 MiB (4096 x 5461), made once."""
+    path = site_files / "big.tiff"
+    return SiteFile(path, browser_helpers.write_rgb_tiff(path, 4096, 5461))
+
+
+@pytest.fixture(scope="session")
+def medium_tiff(site_files: Path) -> SiteFile:
+    """A genuine uncompressed RGB TIFF of about 16.5 MiB (2400 x 2400): several S3 parts."""
+    path = site_files / "medium.tiff"
+    return SiteFile(path, browser_helpers.write_rgb_tiff(path, 2400, 2400))
+
+
+@pytest.fixture(scope="session")
+def tiny_png(site_files: Path) -> SiteFile:
+    """A complete 3 x 2 PNG of a few dozen bytes."""
+    path = site_files / "tiny.png"
+    path.write_bytes(images.png())
+    return SiteFile(path, browser_helpers.file_blake3(path))
+
+
+@pytest.fixture(scope="session")
+def browser_profiles(site_files: Path) -> Path:
+    """Conversion profiles small enough for a 22-megapixel image in a test: `thumbs`."""
+    path = site_files.parent / "browser-profiles.toml"
+    path.write_text(BROWSER_PROFILES)
+    return path
+
+
+STARTED_APIS = pytest.StashKey[list[browser_helpers.DirectApi]]()
+
+
+@pytest.fixture()
+def start_direct_api(
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+    start_api: Callable[[dict[str, str]], tuple[servers.Server, Api]],
+    site: browser_helpers.StaticSite,
+    browser_profiles: Path,
+) -> Iterator[Callable[..., browser_helpers.DirectApi]]:
+    """Start a gunicorn that lets the site's origin in (PICSTREAM_CORS_ORIGINS), signs
+    links and knows the `thumbs` profile; `wired=True` puts a Tripwire between it and its
+    clients. Overrides are more environment. A failed test's report shows their logs."""
+    started: list[browser_helpers.DirectApi] = request.node.stash.setdefault(STARTED_APIS, [])
+
+    def start(*, wired: bool = False, **overrides: str) -> browser_helpers.DirectApi:
+        server, api = start_api(
+            {
+                **env,
+                "PICSTREAM_CORS_ORIGINS": site.origin,
+                "PICSTREAM_SIGNING_KEY": SIGNING_KEY,
+                "PICSTREAM_PROFILES": str(browser_profiles),
+                **overrides,
+            }
+        )
+        wire = browser_helpers.Tripwire(server.port) if wired else None
+        started.append(browser_helpers.DirectApi(server, api, wire))
+        return started[-1]
+
+    yield start
+    for direct in started:
+        if direct.wire is not None:
+            direct.wire.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed direct-upload test's report shows the page's console, where its screenshot
+    is, and the log of each gunicorn `start_direct_api` started."""
+    report: pytest.TestReport = yield
+    if report.when != "call" or not report.failed:
+        return report
+    for direct in item.stash.get(STARTED_APIS, []):
+        log = direct.server.output()[-6000:]
+        report.sections.append((f"gunicorn on port {direct.server.port}", log))
+    tab = getattr(item, "funcargs", {}).get("browser_page")
+    if isinstance(tab, browser_helpers.Tab):
+        report.sections.append(("browser console", "\n".join(tab.console) or "(empty)"))
+        try:
+            shot = str(tab.screenshot())
+        except Exception as exc:  # noqa: BLE001 - a dead page must not hide the failure
+            shot = f"no screenshot: {exc}"
+        report.sections.append(("browser screenshot", shot))
+    return report
