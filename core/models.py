@@ -70,6 +70,19 @@ class PendingSet:
 
 
 @dataclass(frozen=True, slots=True)
+class Placeholder:
+    """What a page paints before any variant has loaded (computed by the worker from the
+    decoded image): a ThumbHash and the average colour."""
+
+    thumbhash: str  # base64 of the ThumbHash bytes (at most 25)
+    color: str  # "#rrggbb"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Placeholder:
+        return cls(thumbhash=str(data["thumbhash"]), color=str(data["color"]))
+
+
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     id: str
     owner: str
@@ -97,6 +110,12 @@ class ImageRecord:
     vset: str = ""
     # A reconversion in progress (None when there is none).
     pending: PendingSet | None = None
+    # The owner's words about the image: alternative text for `<img alt>` and a small JSON
+    # object of their own (set on upload, changed with PATCH).
+    alt: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    # Set by the worker once it has decoded the image.
+    placeholder: Placeholder | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,6 +130,9 @@ class ImageRecord:
         fields["variants"] = tuple(Variant.from_dict(v) for v in data.get("variants", ()))
         pending = data.get("pending")
         fields["pending"] = PendingSet.from_dict(pending) if pending else None
+        placeholder = data.get("placeholder")
+        fields["placeholder"] = Placeholder.from_dict(placeholder) if placeholder else None
+        fields["metadata"] = dict(data.get("metadata") or {})
         return cls(**fields)
 
     @property
