@@ -10,6 +10,14 @@ buffers (api/gunicorn.py `socket_body`, the one adapter to gunicorn's internals)
 Nothing here reads a byte of the body before the ingest loop asks for it — a multipart file
 part's headers included — so every check on the request's headers (declared size, callback,
 id lease) is answered at once, without waiting for the client to send its body.
+
+A multipart body may carry the form fields `alt` and `metadata` (FORM_FIELDS), before or
+after the file part, as browsers' FormData sends fields in the order they were appended.
+Those before the file are kept while the file part is looked for, those after it while the
+rest of the body is checked, each at most METADATA_MAX_TEXT bytes; the file is never held.
+So they are known once the body has been read to its end — after the original was stored,
+before the record is committed — and an invalid one fails the upload then
+(`UploadBody.annotations`), with what was stored deleted again (api/uploads.py).
 """
 
 from __future__ import annotations
@@ -24,9 +32,16 @@ from api.gunicorn import body_read_error, set_read_timeout, socket_body
 from api.multipart import FilePart, open_file_part, parse_boundary
 from core.errors import BadRequest
 from core.ingest import ReadSource, Source
-from core.models import clean_filename
+from core.models import (
+    METADATA_MAX_TEXT,
+    Annotations,
+    clean_filename,
+    parse_metadata,
+    validate_alt,
+)
 
 _MULTIPART_CHUNK = 256 * 1024  # the multipart parser's read size: small enough to reject early
+FORM_FIELDS = frozenset({"alt", "metadata"})  # the multipart fields an upload reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +60,26 @@ class UploadBody:
         """The client's name for the file (a multipart part's is known once it was read)."""
         part_name = self.source.filename if isinstance(self.source, FilePartSource) else None
         return part_name or self.given_filename
+
+    def annotations(self, given: Annotations) -> Annotations:
+        """`given` (the query's or the headers') with a multipart body's `alt` and
+        `metadata` fields; call once the body has been read to its end. Each may come from
+        one place only (BadRequest otherwise); InvalidAlt/InvalidMetadata as for `given`."""
+        if not isinstance(self.source, FilePartSource):
+            return given
+        fields = self.source.fields
+        alt, metadata = given.alt, given.metadata
+        if "alt" in fields:
+            if alt is not None:
+                raise BadRequest("alt is given twice: as a form field and in the query or a header")
+            alt = validate_alt(_field_text(fields, "alt"))
+        if "metadata" in fields:
+            if metadata is not None:
+                raise BadRequest(
+                    "metadata is given twice: as a form field and in the query or a header"
+                )
+            metadata = parse_metadata(_field_text(fields, "metadata"))
+        return Annotations(alt, metadata)
 
 
 def upload_body(req: falcon.Request, read_timeout: float) -> UploadBody:
@@ -90,9 +125,23 @@ class FilePartSource:
     def filename(self) -> str | None:
         return clean_filename(self._part.filename) if self._part else None
 
+    @property
+    def fields(self) -> dict[str, bytes]:
+        """The FORM_FIELDS the body carries, raw: complete once the file has been read to
+        its end (fields may follow it), and only then."""
+        if self._part is None or not self._part.done:
+            raise RuntimeError("the form fields are known once the body has been read")
+        return self._part.fields
+
     def readinto(self, view: memoryview) -> int:
         if self._part is None:
-            self._part = open_file_part(self._read, self._boundary, chunk_size=_MULTIPART_CHUNK)
+            self._part = open_file_part(
+                self._read,
+                self._boundary,
+                chunk_size=_MULTIPART_CHUNK,
+                capture=FORM_FIELDS,
+                max_field_bytes=METADATA_MAX_TEXT,
+            )
         chunk = self._part.read(len(view))
         view[: len(chunk)] = chunk
         return len(chunk)
@@ -123,6 +172,13 @@ def _bounded(read: Callable[[int], bytes], length: int | None) -> Callable[[int]
         return chunk
 
     return bounded_read
+
+
+def _field_text(fields: dict[str, bytes], name: str) -> str:
+    try:
+        return fields[name].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the form field {name!r} is not UTF-8 text") from None
 
 
 def _query_filename(req: falcon.Request) -> str | None:

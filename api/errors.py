@@ -14,7 +14,7 @@ from typing import Any
 import falcon
 
 from api.gunicorn import body_unread, force_close
-from core import errors as e
+from core import errors as domain
 
 log = logging.getLogger(__name__)
 
@@ -24,40 +24,42 @@ TYPE_PREFIX = "urn:picstream:problem:"
 # Domain exception -> (status, problem type slug, title): the only place that maps them to
 # HTTP. The slug makes the problem `type` clients match on; never change one. Each class has
 # its row; a subclass without one (added later) is answered as its nearest listed base.
-TABLE: dict[type[e.PicstreamError], tuple[int, str, str]] = {
-    e.BadRequest: (400, "bad-request", "Bad request"),
-    e.ProfileNotFound: (400, "bad-request", "Bad request"),
-    e.InvalidWebhookUrl: (400, "bad-request", "Bad request"),
-    e.WebhookHostNotAllowed: (400, "bad-request", "Bad request"),
-    e.EmptyBody: (400, "empty-body", "Empty body"),
-    e.ClientDisconnected: (400, "incomplete-body", "Incomplete request body"),
-    e.Unauthorized: (401, "unauthorized", "Missing or invalid API key"),
-    e.InvalidToken: (401, "invalid-token", "Invalid upload token"),
-    e.TokenExpired: (401, "token-expired", "Upload token expired"),
-    e.TokenUsedUp: (401, "token-used-up", "Upload token used up"),
-    e.TokenRevoked: (401, "token-revoked", "Upload token revoked"),
-    e.NotFound: (404, "not-found", "Not found"),
-    e.ClientTimeout: (408, "body-timeout", "Request body timed out"),
-    e.Conflict: (409, "conflict", "Conflict"),
-    e.ImageExists: (409, "conflict", "Conflict"),
-    e.UploadInProgress: (409, "conflict", "Conflict"),
-    e.OffsetMismatch: (409, "offset-mismatch", "Upload-Offset does not match"),
-    e.UploadExpired: (410, "upload-expired", "Upload expired"),
-    e.TusVersionUnsupported: (412, "tus-version", "Unsupported tus version"),
-    e.WrongContentType: (415, "unsupported-media-type", "Unsupported media type"),
-    e.UploadLocked: (423, "upload-locked", "Upload locked"),
-    e.ChecksumMismatch: (460, "checksum-mismatch", "Checksum mismatch"),
-    e.TooLarge: (413, "too-large", "Upload too large"),
-    e.NotAnImage: (415, "not-an-image", "Not an image"),
-    e.UnsupportedFormat: (415, "unsupported-format", "Unsupported image format"),
-    e.CorruptImage: (422, "corrupt-image", "Corrupt image header"),
-    e.TooManyPixels: (422, "too-many-pixels", "Image dimensions above the limit"),
-    e.DigestMismatch: (422, "digest-mismatch", "Digest mismatch"),
-    e.Forbidden: (403, "forbidden", "Forbidden"),
-    e.TokenNotAllowed: (403, "token-not-allowed", "Upload token not accepted here"),
-    e.Busy: (503, "busy", "Busy"),
-    e.StorageUnavailable: (503, "storage-unavailable", "Storage unavailable"),
-    e.QueueUnavailable: (503, "queue-unavailable", "Queue unavailable"),
+TABLE: dict[type[domain.PicstreamError], tuple[int, str, str]] = {
+    domain.BadRequest: (400, "bad-request", "Bad request"),
+    domain.ProfileNotFound: (400, "bad-request", "Bad request"),
+    domain.InvalidWebhookUrl: (400, "bad-request", "Bad request"),
+    domain.WebhookHostNotAllowed: (400, "bad-request", "Bad request"),
+    domain.InvalidAlt: (400, "bad-request", "Bad request"),
+    domain.InvalidMetadata: (400, "bad-request", "Bad request"),
+    domain.EmptyBody: (400, "empty-body", "Empty body"),
+    domain.ClientDisconnected: (400, "incomplete-body", "Incomplete request body"),
+    domain.Unauthorized: (401, "unauthorized", "Missing or invalid API key"),
+    domain.InvalidToken: (401, "invalid-token", "Invalid upload token"),
+    domain.TokenExpired: (401, "token-expired", "Upload token expired"),
+    domain.TokenUsedUp: (401, "token-used-up", "Upload token used up"),
+    domain.TokenRevoked: (401, "token-revoked", "Upload token revoked"),
+    domain.NotFound: (404, "not-found", "Not found"),
+    domain.ClientTimeout: (408, "body-timeout", "Request body timed out"),
+    domain.Conflict: (409, "conflict", "Conflict"),
+    domain.ImageExists: (409, "conflict", "Conflict"),
+    domain.UploadInProgress: (409, "conflict", "Conflict"),
+    domain.OffsetMismatch: (409, "offset-mismatch", "Upload-Offset does not match"),
+    domain.UploadExpired: (410, "upload-expired", "Upload expired"),
+    domain.TusVersionUnsupported: (412, "tus-version", "Unsupported tus version"),
+    domain.WrongContentType: (415, "unsupported-media-type", "Unsupported media type"),
+    domain.UploadLocked: (423, "upload-locked", "Upload locked"),
+    domain.ChecksumMismatch: (460, "checksum-mismatch", "Checksum mismatch"),
+    domain.TooLarge: (413, "too-large", "Upload too large"),
+    domain.NotAnImage: (415, "not-an-image", "Not an image"),
+    domain.UnsupportedFormat: (415, "unsupported-format", "Unsupported image format"),
+    domain.CorruptImage: (422, "corrupt-image", "Corrupt image header"),
+    domain.TooManyPixels: (422, "too-many-pixels", "Image dimensions above the limit"),
+    domain.DigestMismatch: (422, "digest-mismatch", "Digest mismatch"),
+    domain.Forbidden: (403, "forbidden", "Forbidden"),
+    domain.TokenNotAllowed: (403, "token-not-allowed", "Upload token not accepted here"),
+    domain.Busy: (503, "busy", "Busy"),
+    domain.StorageUnavailable: (503, "storage-unavailable", "Storage unavailable"),
+    domain.QueueUnavailable: (503, "queue-unavailable", "Queue unavailable"),
 }
 
 
@@ -75,20 +77,20 @@ def respond_problem(resp: falcon.Response, body: dict[str, Any]) -> None:
 
 
 def handle_domain(
-    req: falcon.Request, resp: falcon.Response, ex: e.PicstreamError, params: dict[str, Any]
+    req: falcon.Request, resp: falcon.Response, ex: domain.PicstreamError, params: dict[str, Any]
 ) -> None:
     status, slug, title = _row(type(ex))
     if status >= 500:
         log.warning("%s %s -> %d: %s", req.method, req.path, status, ex.detail)
     respond_problem(resp, problem(status, slug, title, ex.detail))
-    if isinstance(ex, e.Busy):
+    if isinstance(ex, domain.Busy):
         resp.set_header("Retry-After", str(ex.retry_after))
-    if isinstance(ex, e.Unauthorized):
+    if isinstance(ex, domain.Unauthorized):
         resp.set_header("WWW-Authenticate", 'Bearer realm="picstream"')
     _close_if_body_unread(req, resp)
 
 
-def _row(cls: type[e.PicstreamError]) -> tuple[int, str, str]:
+def _row(cls: type[domain.PicstreamError]) -> tuple[int, str, str]:
     for base in cls.__mro__:
         row = TABLE.get(base)
         if row is not None:

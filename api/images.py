@@ -1,6 +1,7 @@
 """The image resources: `/v1/images` (list, upload) and `/v1/images/{id}` (read, upload
-under an id, delete). Each parses the request, calls its use case (api/uploads.py,
-api/listing.py, api/deletion.py) and shapes the response. Nothing more."""
+under an id, change alt text and metadata, delete). Each parses the request, calls its use
+case (api/uploads.py, api/listing.py, api/metadata.py, api/deletion.py) and shapes the
+response. Nothing more."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from api.digest import parse_repr_digest
 from api.grants import Resolved, narrowed, resolve, spend
 from api.limits import Slots
 from api.listing import Listing
+from api.metadata import MetadataEdits, read_patch, upload_annotations
 from api.signed_links import SignedLinks
 from api.uploads import Uploads
 from api.views import record_json
@@ -26,7 +28,8 @@ from core.webhooks import check_url
 
 class UploadRequests:
     """The HTTP side of an upload, the same for POST and PUT: what an upload token fixes or
-    limits is applied (api/grants.py), `?profile=` and `Repr-Digest` are checked first; then,
+    limits is applied (api/grants.py), `?profile=`, `Repr-Digest` and the alt text and
+    metadata given in the query or headers (api/metadata.py) are checked first; then,
     with one use of the token spent and holding one of `slots`, the body is opened,
     `?callback=URL` is checked against the webhook allow-list, and the use case reads the
     body. An upload that fails gives its token's use back."""
@@ -56,6 +59,7 @@ class UploadRequests:
             return self._put(req, wanted.image_id, wanted)
         profile = self.profiles.require(wanted.profile)
         digests = parse_repr_digest(req.get_header("Repr-Digest"))
+        annotations = upload_annotations(req)
         grant = req.context.grant
         with spend(self.tokens, grant), self.slots.hold():
             body = upload_body(req, self.read_timeout)
@@ -66,6 +70,7 @@ class UploadRequests:
                 profile,
                 self._callback(wanted),
                 limits=narrowed(self.uploads.limits, grant),
+                annotations=annotations,
             )
         return record, True
 
@@ -77,6 +82,7 @@ class UploadRequests:
     ) -> tuple[ImageRecord, bool]:
         profile = self.profiles.require(wanted.profile)
         digests = parse_repr_digest(req.get_header("Repr-Digest"))
+        annotations = upload_annotations(req)
         grant = req.context.grant
         with spend(self.tokens, grant), self.slots.hold():
             body = upload_body(req, self.read_timeout)
@@ -88,6 +94,7 @@ class UploadRequests:
                 profile,
                 self._callback(wanted),
                 limits=narrowed(self.uploads.limits, grant),
+                annotations=annotations,
             )
 
     def _resolve(self, req: falcon.Request, image_id: str | None) -> Resolved:
@@ -130,19 +137,35 @@ class Images:
 class Image:
     """/v1/images/{image_id}"""
 
-    upload_methods = frozenset({"PUT"})  # an upload token may PUT here (api/auth.py)
+    # An upload token may PUT here (api/auth.py); never PATCH: tokens only upload.
+    upload_methods = frozenset({"PUT"})
 
     def __init__(
-        self, records: Records, links: SignedLinks, uploads: UploadRequests, deletion: Deletion
+        self,
+        records: Records,
+        links: SignedLinks,
+        uploads: UploadRequests,
+        deletion: Deletion,
+        edits: MetadataEdits,
+        *,
+        read_timeout: float,
     ) -> None:
         self.records = records
         self.links = links
         self.uploads = uploads
         self.deletion = deletion
+        self.edits = edits
+        self.read_timeout = read_timeout
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
         record = self.records.get(req.context.owner, validate_image_id(image_id))
         resp.media = record_json(req, record, self.links.signer(req))
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
+        """Change the alt text and metadata with a JSON merge patch (api/metadata.py)."""
+        image_id = validate_image_id(image_id)
+        record = self.edits.apply(req.context.owner, image_id, read_patch(req, self.read_timeout))
+        resp.media = record_json(req, record)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
         done = self.deletion.delete_image(req.context.owner, validate_image_id(image_id))

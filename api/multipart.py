@@ -266,6 +266,18 @@ class _Scanner:
             return self._buf
         return self._view[start : self._pos]
 
+    def take_content(self, limit: int, error: str) -> bytes:
+        """The current part's content up to its delimiter, at most `limit` bytes of it;
+        BadRequest(error) past that (it is never held whole: reading stops at limit + 1)."""
+        pieces: list[bytes] = []
+        taken = 0
+        while (piece := self.content(limit + 1 - taken)) is not None:
+            pieces.append(bytes(piece))  # a view into the buffer the next fill replaces
+            taken += len(piece)
+            if taken > limit:
+                raise BadRequest(error)
+        return b"".join(pieces)
+
     def skip_content(self, budget_end: int, error: str) -> None:
         """Consume content up to the next delimiter; BadRequest(error) past offset budget_end."""
         while True:
@@ -343,24 +355,63 @@ class _Scanner:
                 return
 
 
+class _Fields:
+    """The non-file fields a caller asked for (`capture`), kept as raw bytes; every other
+    field is skipped. Each may appear once and hold at most `max_bytes`."""
+
+    def __init__(self, capture: frozenset[str], max_bytes: int) -> None:
+        self.capture = capture
+        self.max_bytes = max_bytes
+        self.values: dict[str, bytes] = {}
+
+    def take_or_skip(self, scanner: _Scanner, info: _PartInfo, budget_end: int, error: str) -> None:
+        name = info.field_name
+        if name not in self.capture:
+            scanner.skip_content(budget_end, error)
+            return
+        if name in self.values:
+            # Two readers could disagree on which one counts; refuse instead of guessing.
+            raise BadRequest(f"the form field {name!r} appears more than once")
+        self.values[name] = scanner.take_content(
+            self.max_bytes, f"the form field {name!r} is longer than {self.max_bytes} bytes"
+        )
+        if scanner.offset > budget_end:
+            raise BadRequest(error)
+
+
 class FilePart:
     """The first file part of a multipart/form-data body, readable as a stream.
 
     Read until it returns b'': reaching the end of the part also checks the rest of the body
-    (remaining fields, closing delimiter) and consumes it.
+    (remaining fields, closing delimiter) and consumes it. `fields` holds the captured
+    fields: those before the file once it is open, those after it once it was read to its
+    end (`done`).
     """
 
     filename: str | None  # from filename*= (RFC 5987) if decodable, else filename=; raw
     field_name: str
     content_type: str | None  # the part's Content-Type header, raw
 
-    def __init__(self, scanner: _Scanner, info: _PartInfo, max_skipped_bytes: int) -> None:
+    def __init__(
+        self, scanner: _Scanner, info: _PartInfo, max_skipped_bytes: int, fields: _Fields
+    ) -> None:
         self.filename = info.filename
         self.field_name = info.field_name
         self.content_type = info.content_type
         self._scanner = scanner
         self._max_skipped = max_skipped_bytes
+        self._fields = fields
         self._done = False
+
+    @property
+    def fields(self) -> dict[str, bytes]:
+        """Captured field name -> its raw content (see `open_file_part`'s `capture`)."""
+        return self._fields.values
+
+    @property
+    def done(self) -> bool:
+        """The file and everything after it have been read (and checked)."""
+        return self._done
 
     def read(self, n: int) -> bytes:
         """Exactly n bytes of the file's content, fewer only at the end of the part, b'' after it.
@@ -386,9 +437,10 @@ class FilePart:
         budget_end = scanner.offset + self._max_skipped
         error = f"multipart data after the file exceeds {self._max_skipped} bytes"
         while (block := scanner.next_part()) is not None:
-            if _PartInfo(block).is_file:
+            info = _PartInfo(block)
+            if info.is_file:
                 raise BadRequest("only one file per request")
-            scanner.skip_content(budget_end, error)
+            self._fields.take_or_skip(scanner, info, budget_end, error)
         scanner.drain_epilogue(budget_end, error)
         self._done = True
 
@@ -400,10 +452,17 @@ def open_file_part(
     max_header_bytes: int = 16 * 1024,
     max_skipped_bytes: int = 1024 * 1024,
     chunk_size: int = 1024 * 1024,
+    capture: frozenset[str] = frozenset(),
+    max_field_bytes: int = 16 * 1024,
 ) -> FilePart:
     """Consume the preamble and any non-file fields before the first part that has a filename
     (skipping at most max_skipped_bytes of them), parse its headers, return a FilePart positioned
     at its first content byte.
+
+    Fields named in `capture` are kept (at most max_field_bytes each, within the same budget)
+    in the FilePart's `fields`; one of them given twice is a BadRequest. Fields after the file
+    are kept once the file has been read to its end: only a bounded field is ever held, never
+    the file.
 
     A part "has a filename" when its Content-Disposition carries filename= or filename*=, even
     empty. Errors: BadRequest for a malformed body or one without a file part; ClientDisconnected
@@ -414,12 +473,13 @@ def open_file_part(
     if not 1 <= len(boundary) <= 70:
         raise ValueError("boundary must come from parse_boundary")
     scanner = _Scanner(read, boundary, chunk_size, max_header_bytes)
+    fields = _Fields(capture, max_field_bytes)
     error = f"multipart fields before the file exceed {max_skipped_bytes} bytes"
     budget_end = max_skipped_bytes
     scanner.skip_content(budget_end, error)  # the preamble
     while (block := scanner.next_part()) is not None:
         info = _PartInfo(block)
         if info.is_file:
-            return FilePart(scanner, info, max_skipped_bytes)
-        scanner.skip_content(budget_end, error)
+            return FilePart(scanner, info, max_skipped_bytes, fields)
+        fields.take_or_skip(scanner, info, budget_end, error)
     raise BadRequest("multipart body has no file part")

@@ -4,8 +4,9 @@
 Core protocol plus the creation, creation-with-upload, creation-defer-length, termination,
 expiration and checksum extensions. `Upload-Metadata` keys: `filename`, `filetype` (kept
 for the client, never used to decide anything), `id` (a client-chosen image id: PUT's rules
-and idempotency), `profile`, `callback`. When the last byte arrives the upload becomes an
-image exactly as a plain upload does (api/uploads.py `adopt`): same sniffing, limits,
+and idempotency), `profile`, `callback`, `alt` and `metadata` (the image's alt text and
+JSON metadata, refused at creation when invalid). When the last byte arrives the upload
+becomes an image exactly as a plain upload does (api/uploads.py `adopt`): same sniffing, limits,
 record, job, events and webhooks; that PATCH's answer and every later HEAD carry
 `Picstream-Image: /v1/images/{id}`. core/tus.py holds the state and the writer; this module
 is the protocol.
@@ -55,7 +56,13 @@ from core.errors import (
 )
 from core.ingest import Ingested, Limits
 from core.leases import UploadLease
-from core.models import clean_filename, new_generation, new_image_id, validate_image_id
+from core.models import (
+    Annotations,
+    clean_filename,
+    new_generation,
+    new_image_id,
+    validate_image_id,
+)
 from core.profiles import Profiles
 from core.records import PURGES_KEY, Records
 from core.storage import MultipartUpload, Store
@@ -165,6 +172,8 @@ class Resumable:
         profile = self.profiles.require(asked.profile)
         callback = check_url(asked.callback, self.webhook_hosts) if asked.callback else ""
         image_id = validate_image_id(asked.image_id) if asked.image_id else new_image_id()
+        # An empty `alt` is kept: alt="" marks a decorative image.
+        annotations = Annotations.parse(meta.values.get("alt"), meta.get("metadata"))
         if asked.image_id and length is not None:
             self._same_size_or_conflict(owner, image_id, length)
         state = TusState(
@@ -180,6 +189,8 @@ class Resumable:
             formats=tuple(sorted(limits.allowed_formats)),
             filename=clean_filename(meta.get("filename")) or "",
             callback=callback,
+            alt=annotations.alt,
+            image_metadata=annotations.metadata,
             jti=jti,
         )
         self.states.create(state)
@@ -306,6 +317,7 @@ class Resumable:
                 self.profiles.require(state.profile),
                 state.callback or None,
                 also,
+                annotations=Annotations(state.alt, state.image_metadata),
             )
         except UploadInProgress:
             raise UploadLocked(

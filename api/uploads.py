@@ -27,6 +27,8 @@ from core.models import (
     META_GEN,
     META_ID,
     META_OWNER,
+    NO_ANNOTATIONS,
+    Annotations,
     ImageRecord,
     ObjectKeys,
     Variant,
@@ -92,15 +94,18 @@ class Uploads:
         callback: str | None = None,
         *,
         limits: Limits | None = None,
+        annotations: Annotations = NO_ANNOTATIONS,
     ) -> ImageRecord:
         """POST: a new image under a server-chosen id, to be converted with `profile`;
         `callback` receives the final record (a webhook). `limits` replaces the use case's
-        own (an upload token's, narrowed within them: api/grants.py)."""
+        own (an upload token's, narrowed within them: api/grants.py). `annotations` (alt
+        text, metadata) go into the record, with a multipart body's fields
+        (api/body.py `UploadBody.annotations`)."""
         uploads = self._within(limits)
         uploads._check_envelope(body)
         image_id = new_image_id()
         with self.leases.hold(owner, image_id) as lease:
-            return uploads._store_new(lease, body, digests, profile, callback)
+            return uploads._store_new(lease, body, digests, profile, callback, annotations)
 
     def put(
         self,
@@ -112,11 +117,12 @@ class Uploads:
         callback: str | None = None,
         *,
         limits: Limits | None = None,
+        annotations: Annotations = NO_ANNOTATIONS,
     ) -> tuple[ImageRecord, bool]:
         """PUT: idempotent. Returns (record, created). Same bytes again -> the existing record
-        (its profile unchanged: reconvert changes profiles); different bytes under an
-        existing id -> ImageExists; another upload of the id in progress -> UploadInProgress.
-        `limits` as for `create`."""
+        (its profile, alt text and metadata unchanged: reconvert and PATCH change those);
+        different bytes under an existing id -> ImageExists; another upload of the id in
+        progress -> UploadInProgress. `limits` and `annotations` as for `create`."""
         uploads = self._within(limits)
         uploads._check_envelope(body)
         records = self.records
@@ -124,8 +130,12 @@ class Uploads:
             with self.leases.hold(owner, image_id) as lease:
                 # Re-check under the lease: a concurrent PUT may have just committed.
                 if not records.exists(owner, image_id):
-                    return uploads._store_new(lease, body, digests, profile, callback), True
-        return uploads._same_or_conflict(records.get(owner, image_id), body, digests), False
+                    stored = uploads._store_new(
+                        lease, body, digests, profile, callback, annotations
+                    )
+                    return stored, True
+        existing = records.get(owner, image_id)
+        return uploads._same_or_conflict(existing, body, digests, annotations), False
 
     def _within(self, limits: Limits | None) -> Uploads:
         """This use case with `limits` in place of its own: a shallow copy, as it keeps no
@@ -143,6 +153,7 @@ class Uploads:
         digests: Mapping[str, bytes],
         profile: Profile,
         callback: str | None,
+        given: Annotations,
     ) -> ImageRecord:
         owner, image_id = lease.owner, lease.image_id
         keys = ObjectKeys(owner, image_id, new_generation())
@@ -155,13 +166,15 @@ class Uploads:
             if not sink.began:  # rejected before any S3 call: nothing to purge
                 lease.unguard()
             raise
-        record = replace(
-            _new_record(owner, image_id, ingested, body.filename, profile),
-            callback=callback,
-            gen=keys.gen,
-            vset=new_generation(),
-        )
         try:
+            # A multipart body's fields may follow the file: they are known only now.
+            annotations = body.annotations(given)
+            record = replace(
+                _new_record(owner, image_id, ingested, body.filename, profile, annotations),
+                callback=callback,
+                gen=keys.gen,
+                vset=new_generation(),
+            )
             self._commit(record, keys, lease)
         except BaseException:
             self._discard(keys, sink, lease)
@@ -176,13 +189,16 @@ class Uploads:
         profile: Profile,
         callback: str | None,
         also: Callable[[Pipeline], object],
+        *,
+        annotations: Annotations = NO_ANNOTATIONS,
     ) -> tuple[ImageRecord, bool]:
         """Make an original already stored under `keys` (a resumable upload's, api/tus.py)
         an image, as a plain upload commits one: under the id's lease, the record's bucket
         copy, then the record and its job in one fenced transaction, which `also` joins.
         An id that exists already: the same bytes -> (that record, False), other bytes ->
         ImageExists; the stored original is then the caller's to delete. Raises
-        UploadInProgress while a plain upload holds the id."""
+        UploadInProgress while a plain upload holds the id. `annotations` go into a new
+        record only."""
         owner, image_id = keys.owner, keys.image_id
         with self.leases.hold(owner, image_id) as lease:
             if self.records.exists(owner, image_id):
@@ -191,7 +207,7 @@ class Uploads:
                     raise ImageExists(f"image {image_id!r} already exists with different content")
                 return existing, False
             record = replace(
-                _new_record(owner, image_id, ingested, filename, profile),
+                _new_record(owner, image_id, ingested, filename, profile, annotations),
                 callback=callback,
                 gen=keys.gen,
                 vset=new_generation(),
@@ -229,13 +245,18 @@ class Uploads:
         )
 
     def _same_or_conflict(
-        self, existing: ImageRecord, body: UploadBody, digests: Mapping[str, bytes]
+        self,
+        existing: ImageRecord,
+        body: UploadBody,
+        digests: Mapping[str, bytes],
+        given: Annotations,
     ) -> ImageRecord:
         if body.declared_size is not None and body.declared_size != existing.size:
             raise ImageExists(f"image {existing.id!r} already exists with different content")
         ingested = Ingest(body.source, self.limits, NullSink(), body.declared_size, digests).run()
         if ingested.blake3 != existing.blake3 or ingested.size != existing.size:
             raise ImageExists(f"image {existing.id!r} already exists with different content")
+        body.annotations(given)  # refused as for a new image, though the record keeps its own
         return existing
 
     def _discard(self, keys: ObjectKeys, sink: ObjectSink, lease: UploadLease) -> None:
@@ -261,7 +282,12 @@ class Uploads:
 
 
 def _new_record(
-    owner: str, image_id: str, ingested: Ingested, filename: str | None, profile: Profile
+    owner: str,
+    image_id: str,
+    ingested: Ingested,
+    filename: str | None,
+    profile: Profile,
+    annotations: Annotations,
 ) -> ImageRecord:
     sniffed = ingested.sniffed
     # The variants the header lets us foresee; the worker replaces them with its own plan
@@ -282,4 +308,6 @@ def _new_record(
         created_at=utc_now(),
         profile=profile.name,
         variants=tuple(Variant(spec.name) for spec in plan),
+        alt=annotations.alt,
+        metadata=annotations.metadata or {},
     )

@@ -39,6 +39,16 @@ class WebhookHostNotAllowed(BadRequest):
     """A webhook URL whose host is not on the allow-list (PICSTREAM_WEBHOOK_HOSTS)."""
 
 
+class InvalidAlt(BadRequest):
+    """Alternative text that cannot be kept: not a string, too long, or carrying control
+    characters or bidi overrides (core/models.py `validate_alt`)."""
+
+
+class InvalidMetadata(BadRequest):
+    """An image's metadata that cannot be kept: not a JSON object, malformed JSON, too large
+    or too deep, non-finite numbers (core/models.py `validate_metadata`)."""
+
+
 class EmptyBody(PicstreamError):
     """The upload carried no bytes."""
 

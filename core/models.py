@@ -6,6 +6,8 @@ JSON form used everywhere (the API adds links on top of it, nothing else).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import secrets
 import time
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from core.errors import BadRequest
+from core.errors import BadRequest, InvalidAlt, InvalidMetadata
 
 Status = Literal["processing", "ready", "failed"]
 VariantStatus = Literal["pending", "ready", "failed"]
@@ -139,6 +141,11 @@ class ImageRecord:
     def keys(self) -> ObjectKeys:
         return ObjectKeys(self.owner, self.id, self.gen)
 
+    @property
+    def created(self) -> datetime:
+        """`created_at` as an aware datetime (UTC)."""
+        return datetime.fromisoformat(self.created_at.replace("Z", "+00:00"))
+
 
 def validate_image_id(value: str) -> str:
     """A client-chosen id: `[A-Za-z0-9_-]{1,64}`, anything else is a 400."""
@@ -186,6 +193,174 @@ def clean_filename(raw: str | None) -> str | None:
     if name in ("", ".", ".."):
         return None
     return name[:_FILENAME_MAX]
+
+
+# What the owner says about an image: alternative text and a small JSON object of their own.
+# Both are set on upload (api/body.py, api/tus.py) or changed with PATCH (api/metadata.py),
+# and checked by the functions below wherever they come from.
+ALT_MAX_CHARS = 1000
+METADATA_MAX_BYTES = 4096  # the object as compact UTF-8 JSON, as Redis and the bucket keep it
+METADATA_MAX_DEPTH = 32  # objects and arrays inside each other
+# JSON text longer than this is refused before it is parsed (whitespace may make the text of
+# a valid object longer than its compact form, but not without bound).
+METADATA_MAX_TEXT = 16 * 1024
+# Bidi embeddings, overrides and isolates (the LRM/RLM/ALM marks stay allowed): one opened
+# and never closed reorders whatever a page shows after the alt text.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Control characters (NUL, tab, CR, LF...), lone surrogates (not UTF-8), line and paragraph
+# separators.
+_REFUSED_IN_ALT = frozenset({"Cc", "Cs", "Zl", "Zp"})
+
+
+@dataclass(frozen=True, slots=True)
+class Annotations:
+    """Alt text and metadata given with an upload, already validated; None = not given
+    (the record then has `alt` null and `metadata` {})."""
+
+    alt: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, alt: str | None, metadata: str | None) -> Annotations:
+        """From text as the client sent it, the metadata as JSON text. InvalidAlt or
+        InvalidMetadata (400) for what `validate_alt` / `parse_metadata` refuse."""
+        return cls(validate_alt(alt), None if metadata is None else parse_metadata(metadata))
+
+
+NO_ANNOTATIONS = Annotations()
+
+
+def validate_alt(value: object) -> str | None:
+    """Alternative text as a record keeps it: None (not set), "" (a decorative image, as
+    `alt=""` in HTML) or text of at most 1,000 characters. What cannot be shown safely in a
+    page or a header is refused, never silently removed, so what is stored is what was sent:
+    control characters (NUL, tab, CR, LF...), line and paragraph separators, lone surrogates
+    and bidi embeddings, overrides and isolates."""
+    # SECURITY: the text reaches pages (`<img alt>`) and JSON for other programs: no line
+    # breaks or NULs to split or end what embeds it, no bidi override to disguise what follows.
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidAlt(f"alt must be a string or null, not {_json_kind(value)}")
+    if len(value) > ALT_MAX_CHARS:
+        raise InvalidAlt(f"alt is {len(value)} characters long; at most {ALT_MAX_CHARS} are kept")
+    for ch in value:
+        if ch in _BIDI_CONTROLS or unicodedata.category(ch) in _REFUSED_IN_ALT:
+            raise InvalidAlt(
+                f"alt contains U+{ord(ch):04X}: control characters, line breaks and bidi"
+                " overrides are not allowed in alt text"
+            )
+    return value
+
+
+def parse_metadata(text: str) -> dict[str, Any]:
+    """Metadata sent as JSON text (a query parameter, a header, a form field, tus metadata):
+    read with `strict_json`, then held to `validate_metadata`'s rules."""
+    if len(text) > METADATA_MAX_TEXT:
+        raise InvalidMetadata(
+            f"metadata is {len(text)} characters of JSON; at most {METADATA_MAX_TEXT} are read"
+        )
+    return validate_metadata(strict_json(text, "metadata", InvalidMetadata))
+
+
+def validate_metadata(value: object) -> dict[str, Any]:
+    """A JSON object of the owner's own, nested values allowed (at most 32 levels deep),
+    whose compact UTF-8 JSON is at most 4 KiB. Refused: anything but an object, numbers that
+    are not finite (JSON has no NaN or Infinity), strings that are not UTF-8 (lone
+    surrogates). Returns the value itself."""
+    if not isinstance(value, dict):
+        raise InvalidMetadata(f"metadata must be a JSON object, not {_json_kind(value)}")
+    _check_json_tree(value)
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > METADATA_MAX_BYTES:
+        raise InvalidMetadata(
+            f"metadata is {size} bytes as compact JSON; at most {METADATA_MAX_BYTES} are kept"
+        )
+    return value
+
+
+def strict_json(text: str | bytes, what: str, error: type[BadRequest] = BadRequest) -> Any:
+    """Parse JSON as every reader would: NaN, Infinity and repeated keys in an object (two
+    readers could keep different ones) are refused, and nesting stops at 32 levels below the
+    top (so the value can be walked recursively). Raises `error` naming `what`."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise error(f"{what} repeats the key {key[:64]!r}")
+            obj[key] = value
+        return obj
+
+    def constant(name: str) -> Any:
+        raise error(f"{what} contains {name}, which JSON does not have")
+
+    try:
+        value = json.loads(text, object_pairs_hook=unique, parse_constant=constant)
+    except RecursionError:
+        raise error(f"{what} nests too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bytes that are not UTF-8, a huge integer
+        raise error(f"{what} is not valid JSON: {exc}") from None
+    _check_depth(value, what, error)
+    return value
+
+
+def _check_depth(value: Any, what: str, error: type[BadRequest]) -> None:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        if depth > METADATA_MAX_DEPTH:
+            raise error(f"{what} nests objects and arrays more than {METADATA_MAX_DEPTH} deep")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _check_json_tree(value: dict[str, Any]) -> None:
+    """Every value is a JSON value: str keys, UTF-8 strings, finite numbers, bounded depth."""
+    _check_depth(value, "metadata", InvalidMetadata)
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in node:
+                if not isinstance(key, str):
+                    raise InvalidMetadata("metadata keys must be strings")
+                _check_text(key)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise InvalidMetadata("metadata numbers must be finite (JSON has no NaN or Infinity)")
+        elif node is not None and not isinstance(node, bool | int | float):
+            raise InvalidMetadata(f"metadata can only hold JSON values, not {type(node).__name__}")
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidMetadata("metadata contains a lone surrogate (not UTF-8 text)") from None
+
+
+def _json_kind(value: object) -> str:
+    """How a JSON reader would name the value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 # Object keys. Only validated owners (settings), ids (IMAGE_ID_RE) and generated ids ever

@@ -23,6 +23,9 @@ Animation: animated GIF and WebP stay animated in WebP variants (when the profil
 still of its first frame everywhere. APNG is read as a still (libvips reads its default
 image). Multi-page TIFF: the first page.
 
+Placeholder: the same decoded image also gives the record's ThumbHash and average colour
+(worker/placeholder.py, `Conversion.placeholder`); nothing is decoded twice.
+
 Limits: the pixel count is checked from the header before any pixel is decoded.
 Everything that is wrong with the input raises `ConversionError` with a sentence a person
 can read; nothing else is raised for bad input.
@@ -40,7 +43,9 @@ import pillow_heif
 import pyvips
 from PIL import Image
 
+from core.models import Placeholder
 from core.profiles import Profile, VariantSpec
+from worker.placeholder import placeholder_of
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +89,6 @@ class DecodeLimits:
     max_pixels: int
     max_frames: int
 
-
-# The former name, still imported by tests/unit/test_convert.py and bench/convert.py (not
-# part of this change); remove once they import DecodeLimits.
-Limits = DecodeLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,16 @@ class Conversion:
     @property
     def height(self) -> int:
         return self.original.height
+
+    def placeholder(self) -> Placeholder | None:
+        """The image's placeholder (worker/placeholder.py), from the decoded image already in
+        memory. None, with a warning in the log, if it cannot be made: a page can do without
+        one, so it never fails a conversion."""
+        try:
+            return placeholder_of(self.base)
+        except Exception:  # whatever the cause: libvips, memory, a bug in the encoder
+            log.warning("no placeholder for this image", exc_info=True)
+            return None
 
     def render_all(self, threads: int) -> Iterator[Rendered | Failed]:
         """Every variant of the plan, in plan order. `threads` encoders run at once, the

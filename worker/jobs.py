@@ -11,7 +11,11 @@ is the one thing read again for every job (`current_profiles`).
    otherwise the job was superseded (image deleted, re-uploaded or reconverted again);
 2. download the original to a temporary file (constant memory, whatever its size) and
    decode it once (worker/convert.py); the plan is written to the record (every variant
-   `pending`, the decoded dimensions filled in) with a `status` event;
+   `pending`, the decoded dimensions and the placeholder filled in) with a `status` event,
+   so a page has the placeholder while the variants are still being made. A reconvert
+   makes it again from its own decode (the same image, so much the same placeholder); one
+   that cannot be made leaves the record's as it was (null for a fresh upload) and fails
+   nothing;
 3. each variant: encode, PUT under the set's own prefix, mark it `ready` (or `failed` with
    the encoder's reason) with a `variant` event;
 4. finish: a fresh upload's set makes the image `ready` (every variant ready) or `failed`;
@@ -57,6 +61,7 @@ from core import events
 from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.jobs import make_queue
 from core.migrate import migrate_image
+from core.mirror import mirror_record
 from core.models import META_BLAKE3, ImageRecord, ObjectKeys, PendingSet, Variant
 from core.profiles import Profile, ProfileError, Profiles, load_profiles
 from core.records import Purge
@@ -206,10 +211,18 @@ class ImageJob:
     # ------------------------------------------------------------------ record changes
 
     def _start(self, conversion: Conversion) -> None:
+        # Made once, outside the change: that may run again after a WATCH conflict.
+        placeholder = conversion.placeholder()
+
         def start(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
             planned = tuple(Variant(spec.name) for spec in conversion.plan)
-            record = replace(record, width=conversion.width, height=conversion.height)
+            record = replace(
+                record,
+                width=conversion.width,
+                height=conversion.height,
+                placeholder=placeholder or record.placeholder,
+            )
             if target == "current":
                 record = replace(record, status="processing", error=None)
             return self._with_set(record, target, planned)
@@ -322,26 +335,14 @@ class ImageJob:
         except PicstreamError as exc:
             log.warning("could not delete set %s of %s: %s", vset, self.name, exc.detail)
 
-    def _mirror(self, record: ImageRecord) -> None:
-        """Bring the bucket copy of the record in step with Redis."""
-        self.store.put_json(self.keys.record, record.to_dict())
-        try:
-            now = self.records.get(self.keys.owner, self.keys.image_id)
-            alive = now.gen == self.keys.gen
-        except NotFound:
-            alive = False
-        if not alive:
-            # Deleted between our update and the PUT: do not leave a copy behind.
-            self.store.delete(self.keys.record)
+    def _mirror(self, _made: ImageRecord | None = None) -> None:
+        """Bring the bucket copy in step with what Redis holds now (core/mirror.py), not
+        with the record this job made: a PATCH of its alt text may have landed since."""
+        mirror_record(self.records, self.store, self.keys.owner, self.keys.image_id, self.keys.gen)
 
     def _mirror_again(self) -> None:
         """The bucket copy of the record as it is now, if it still is our incarnation."""
-        try:
-            record = self.records.get(self.keys.owner, self.keys.image_id)
-        except NotFound:
-            return
-        if record.gen == self.keys.gen:
-            self._mirror(record)
+        self._mirror()
 
     def _discard_own(self) -> None:
         """After Superseded: this job's set is listed by no record; delete its objects."""

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from api.app import Collaborators, create_app
+from api.console import PATHS as CONSOLE_PATHS
 from api.errors import TABLE, TYPE_PREFIX
 from api.openapi import load_document
 from tests import images, servers
@@ -78,12 +79,15 @@ def test_the_exemption_from_auth_is_that_path_alone(api: Api) -> None:
 def test_every_route_and_method_is_documented_and_nothing_else(services: Collaborators) -> None:
     """The app's routes (falcon's public inspect API) and the methods each resource
     implements (`on_get`...; falcon's own OPTIONS/405 responders are not ours) equal the
-    document's paths and operations, both ways."""
+    document's paths and operations, both ways. The web console's static files (exactly
+    api/console.py `PATHS`, GET and HEAD) are a page, not API operations: not documented."""
     served = {
         route.path: {m.method for m in route.methods if not m.internal}
         for route in falcon.inspect.inspect_routes(create_app(services))
     }
     assert served, "falcon.inspect found no routes: has its API changed?"
+    console = {path: served.pop(path) for path in CONSOLE_PATHS}
+    assert all(methods == {"GET", "HEAD"} for methods in console.values()), console
     assert served == documented_operations()
 
 
