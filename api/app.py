@@ -14,6 +14,7 @@ from rq import Queue
 
 from api import errors
 from api.auth import AuthMiddleware, KeyRing
+from api.console import console_routes
 from api.cors import Cors
 from api.deletion import Deletion
 from api.downloads import SignedCaching
@@ -23,6 +24,7 @@ from api.health import Health, Ready
 from api.images import Image, Images, UploadRequests
 from api.limits import Slots
 from api.listing import Listing
+from api.metadata import MetadataEdits
 from api.openapi import OpenAPIDocument
 from api.presign import Presigner
 from api.reconvert import Reconversion, Reconvert
@@ -131,7 +133,17 @@ def _routes(c: Collaborators) -> list[tuple[str, object]]:
         ("/readyz", Ready(records, store)),
         ("/v1/openapi.json", OpenAPIDocument()),
         ("/v1/images", Images(Listing(records), uploads)),
-        ("/v1/images/{image_id}", Image(records, links, uploads, deletion)),
+        (
+            "/v1/images/{image_id}",
+            Image(
+                records,
+                links,
+                uploads,
+                deletion,
+                MetadataEdits(records, store),
+                read_timeout=read_timeout,
+            ),
+        ),
         ("/v1/images/{image_id}/reconvert", Reconvert(reconversion)),
         ("/v1/images/{image_id}/original", Original(records, files)),
         ("/v1/images/{image_id}/variants/{name}", VariantFile(records, files)),
@@ -146,4 +158,5 @@ def _routes(c: Collaborators) -> list[tuple[str, object]]:
         ("/v1/upload-tokens/{jti}", MintedToken(c.tokens)),
         ("/v1/tus", TusCreation(resumable, c.upload_slots, read_timeout)),
         ("/v1/tus/{upload_id}", TusUpload(resumable, c.tokens, c.upload_slots, read_timeout)),
+        *console_routes(),  # the web console's static files at / and /console/… (no key)
     ]

@@ -13,13 +13,16 @@ from typing import Any
 
 import falcon
 
+from api.console import PATHS as CONSOLE_PATHS
 from core.errors import Forbidden, InvalidToken, TokenNotAllowed, Unauthorized
 from core.signing import verify
 from core.tokens import UploadGrant, UploadTokens, looks_like_token
 
-# SECURITY: exactly these paths are served without a key: the health checks and the API
-# description (api/openapi.yaml, public by design: it holds no secret and no owner's data).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json"})
+# SECURITY: exactly these paths are served without a key: the health checks, the API
+# description (api/openapi.yaml) and the web console's static files (api/console.py `PATHS`:
+# `/` and a fixed list under `/console/`), all public by design: they hold no secret and no
+# owner's data (the console's page asks its user for a key and sends it with each API call).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/openapi.json"}) | CONSOLE_PATHS
 # What a signed link may read: an original, a variant, the best variant for the client
 # (`?width=` stays free: the path alone is signed) or the events (a browser's EventSource
 # cannot send an Authorization header, and reconnects to the same URL with Last-Event-ID).
