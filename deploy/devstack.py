@@ -16,6 +16,12 @@ so when devstack runs the S3 server itself (then no web process of another stack
 using it) it aborts every incomplete multipart upload once the app has stopped, before
 stopping the servers, and once before the app starts (left by a run killed outright).
 
+First-run facts: the console and API address, the development key and the embedded store's
+endpoint and credentials are printed once the API answers (not before) and written to
+var/dev.env (mode 0600). A second `make run` in the same checkout stops at once with one
+line (var/ is locked while a stack runs from it); a PORT that is taken stops it before
+anything starts, and without PORT the first free port from 8000 is used.
+
 The worker never exits on its own (its supervisor restarts a dead rq worker and the rq worker
 waits out Redis outages), so a worker crash or a Redis blip no longer makes honcho stop the
 web with it.
@@ -24,6 +30,7 @@ web with it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import secrets
@@ -32,13 +39,16 @@ import signal
 import string
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR = ROOT / "var"
+# Where the stack keeps its data and logs; tests run a stack of their own elsewhere.
+VAR = Path(os.environ.get("PICSTREAM_DEV_VAR") or ROOT / "var").resolve()
 sys.path.insert(0, str(ROOT))
 
 from core.errors import PicstreamError  # noqa: E402
@@ -236,8 +246,6 @@ def start_nginx(env: dict[str, str]) -> subprocess.Popen[bytes]:
     env.setdefault("PICSTREAM_BIND", f"unix:{VAR / 'run' / 'web.sock'}")
     env.setdefault("PICSTREAM_ACCEL_REDIRECT", "1")
     settings = Settings.from_env(env)
-    if not port_free(settings.port):
-        raise SystemExit(f"port {settings.port} is in use: set PORT to a free one")
     listen = host_port(settings.host, settings.port)
     proc = start("nginx", nginx_argv(nginx_values(settings, listen, settings.bind, VAR / "nginx")))
     wait_for_port(settings.port, proc, "nginx")
@@ -297,10 +305,43 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
+LOCK_FILE = VAR / "run.lock"
+
+
+def lock_var() -> int:
+    """Hold var/run.lock for as long as this process lives: two stacks on one var/ would
+    share Redis's and the store's files (SeaweedFS dies on its leveldb lock, with a Go stack
+    trace). The kernel releases it when the process dies, however it dies."""
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        raise SystemExit(
+            f"another `make run` (pid {holder}) is using {VAR}: stop it first (Ctrl-C in its"
+            " terminal), or run this one from another checkout"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def choose_port(env: dict[str, str]) -> None:
+    """PORT as set (and free), or the first free port from 8000: decided before anything
+    starts, so a taken port costs one line, not a stack started and stopped."""
+    asked = env.get("PORT", "").strip()
+    if not asked:
+        env["PORT"] = str(free_port(8000))
+        return
+    if asked.isdigit() and not port_free(int(asked)):
+        raise SystemExit(f"port {asked} is in use: set PORT to a free one, or unset it")
+
+
 def main() -> int:
     VAR.mkdir(exist_ok=True)
+    lock = lock_var()
     env = dict(os.environ)
-    env.setdefault("PORT", "8000")
+    choose_port(env)
     servers: list[subprocess.Popen[bytes]] = []
     own_s3 = False
     try:
@@ -314,15 +355,7 @@ def main() -> int:
             env.update(S3_ACCESS_KEY=DEV_ACCESS_KEY, S3_SECRET_KEY=secret)
             own_s3 = True
         if not env.get("PICSTREAM_API_KEYS"):
-            key = dev_secret("dev-api-key")
-            env["PICSTREAM_API_KEYS"] = f"dev:{key}"
-            say(
-                f"\nWARNING: PICSTREAM_API_KEYS is not set; using the development key\n"
-                f"  owner dev, key {key}   (kept in var/dev-api-key)\n"
-                f"  curl -H 'Authorization: Bearer {key}' -T photo.jpg "
-                f"http://127.0.0.1:{env['PORT']}/v1/images/my-photo\n",
-                flush=True,
-            )
+            env["PICSTREAM_API_KEYS"] = f"dev:{dev_secret('dev-api-key')}"
         if not env.get("PICSTREAM_SIGNING_KEY"):
             env["PICSTREAM_SIGNING_KEY"] = dev_secret("dev-signing-key")
         try:
@@ -334,19 +367,73 @@ def main() -> int:
             abort_incomplete_uploads(env)  # left by a run that was killed outright
         servers.append(start_nginx(env))
         write_env_file(env)
-        say(
-            f"devstack: API on http://127.0.0.1:{env['PORT']} through nginx, gunicorn on"
-            f" {env['PICSTREAM_BIND']}  (Ctrl-C stops everything)\n"
-            f"devstack: settings in {ENV_FILE.relative_to(ROOT)}, e.g. for"
-            f" .venv/bin/picstream-admin --env-file {ENV_FILE.relative_to(ROOT)} janitor",
-            flush=True,
-        )
-        code = run_procfile(env)
+        code = run_procfile(env, lambda: say(banner(env, own_s3), flush=True))
         if own_s3:
             abort_incomplete_uploads(env)  # uploads cut when honcho killed the web
         return code
     finally:
         stop(servers)
+        os.close(lock)
+
+
+def banner(env: Mapping[str, str], own_s3: bool) -> str:
+    """What a new user needs, printed once the API answers through nginx."""
+    url = f"http://{_display_host(env.get('PICSTREAM_HOST', '127.0.0.1'))}:{env['PORT']}"
+    env_file = _shown(ENV_FILE)
+    lines = [
+        "",
+        "picstream is running (Ctrl-C stops everything)",
+        f"  console    {url}/",
+        f"  API        {url}/v1/images   (description: {url}/v1/openapi.json)",
+    ]
+    owners = [pair.partition(":") for pair in env["PICSTREAM_API_KEYS"].split(",")]
+    dev = next((key for owner, _, key in owners if owner == "dev"), None)
+    if dev is not None and (VAR / "dev-api-key").exists():
+        lines.append(f"  API key    {dev}   (owner dev; {_shown(VAR / 'dev-api-key')})")
+    else:
+        lines.append("  API key    the ones in PICSTREAM_API_KEYS")
+    if own_s3:
+        lines += [
+            f"  S3 store   {env['S3_ENDPOINT']}  bucket {env.get('S3_BUCKET') or 'picstream'}",
+            f"             access key {env['S3_ACCESS_KEY']}  secret {env['S3_SECRET_KEY']}",
+        ]
+    key_file = _shown(VAR / "dev-api-key")
+    lines += [
+        f"  Redis      {env['REDIS_URL']}",
+        f"  settings   {env_file} (mode 0600; for .venv/bin/picstream-admin --env-file {env_file})",
+        "",
+        f'  try:  curl -H "Authorization: Bearer $(cat {key_file})" -T photo.jpg'
+        f" {url}/v1/images/my-photo",
+        f"        .venv/bin/picstream login --url {url} --key $(cat {key_file})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _shown(path: Path) -> Path:
+    """A path under the checkout as the user would type it from there."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a listen address, shown as loopback
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def wait_until_serving(port: int, app: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+    """True once the API answers /readyz through nginx (gunicorn bound, Redis and the
+    store reachable); False if the app stopped or the time ran out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and app.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)  # polling a process that is starting; bounded by the deadline
+    return False
 
 
 # The settings this stack runs with, for operator commands run beside it.
@@ -363,7 +450,9 @@ def write_env_file(env: dict[str, str]) -> None:
         out.writelines(lines)
 
 
-def run_procfile(env: dict[str, str]) -> int:
+def run_procfile(env: dict[str, str], ready: Callable[[], None]) -> int:
+    """Run the Procfile with honcho until it stops (Ctrl-C, SIGTERM, or a process exits);
+    call `ready` once the API answers."""
     honcho = str(Path(sys.executable).parent / "honcho")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     app = subprocess.Popen(
@@ -382,9 +471,51 @@ def run_procfile(env: dict[str, str]) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    code = app.wait()
+
+    def announce() -> None:
+        if wait_until_serving(int(env["PORT"]), app):
+            ready()
+        elif app.poll() is None:
+            say("devstack: the API did not answer within 60 s; see the output above", flush=True)
+
+    threading.Thread(target=announce, name="announce", daemon=True).start()
+    code = wait_for(app, lambda: stopping)
     say("devstack: the app has stopped", flush=True)
     return 0 if stopping else code
+
+
+# After Ctrl-C honcho stops the Procfile within ~5 s; one whose stdout broke (`make run |
+# tee` whose tee got the Ctrl-C too) may never exit: its processes are then stopped here.
+STOP_GRACE = 20.0
+
+
+def wait_for(app: subprocess.Popen[bytes], stopping: Callable[[], bool]) -> int:
+    while True:
+        try:
+            return app.wait(timeout=1.0 if not stopping() else STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            if stopping():
+                say("devstack: honcho did not stop; stopping its processes", flush=True)
+                kill_tree(app.pid)
+                return app.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the process groups of `pid`'s children (honcho starts each Procfile process
+    in a group of its own), then `pid`'s own group."""
+    for child in _children(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def print_nginx_conf(prefix: str) -> int:
