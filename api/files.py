@@ -129,4 +129,4 @@ def ready_variant(record: ImageRecord, name: str) -> Variant:
 
 
 def _modified(record: ImageRecord) -> datetime:
-    return datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
+    return record.created

@@ -111,12 +111,13 @@ def plan_json() -> dict[str, Any]:
 
 def run_picstream(path: str) -> int:
     from core.profiles import default_profiles
-    from worker.convert import Limits, Rendered, open_image
+    from worker.convert import DecodeLimits, Rendered, open_image
 
     fmt = "png" if path.endswith(".png") else "jpeg"
     profile = default_profiles().require(None)
     settings_threads = 2  # PICSTREAM_CONVERT_THREADS default
-    conversion = open_image(path, fmt, profile, Limits(max_pixels=100_000_000, max_frames=100))
+    limits = DecodeLimits(max_pixels=100_000_000, max_frames=100)
+    conversion = open_image(path, fmt, profile, limits)
     made = list(conversion.render_all(settings_threads))
     return sum(len(r.data) for r in made if isinstance(r, Rendered))
 

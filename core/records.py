@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
 import redis
@@ -81,8 +80,7 @@ def _index_key(owner: str) -> str:
 
 
 def created_ms(record: ImageRecord) -> int:
-    stamp = datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
-    return int(stamp.timestamp() * 1000)
+    return int(record.created.timestamp() * 1000)
 
 
 class Records:

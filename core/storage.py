@@ -221,9 +221,6 @@ class Store:
                 response.close()
                 response.release_conn()
 
-    def get_json(self, key: str) -> Any:
-        return json.loads(self.read_bytes(key))
-
     def download(self, key: str, out: Writable, chunk_size: int = 1024 * 1024) -> int:
         """Stream one object into a file in `chunk_size` pieces (constant memory, whatever
         the object's size). Returns the byte count."""

@@ -8,6 +8,7 @@ never with sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -170,7 +171,8 @@ def test_a_job_run_again_after_it_finished_changes_nothing_and_ends_nothing_twic
     assert {r.status for r in seen} == {"ready"}, "the retry took a ready image back"
     assert get(client, "x") == ready
     assert len(finals(stream(redis_client, ready))) == 1
-    assert store.get_json(keys_of(ready).record)["status"] == "ready"  # the copy caught up
+    copy = json.loads(store.read_bytes(keys_of(ready).record))
+    assert copy["status"] == "ready"  # the bucket copy caught up
 
     queue = make_queue(redis_client, settings.queue, settings.job_timeout)
     kwargs = {"owner": "alice", "image_id": "x", "gen": made["gen"], "vset": made["vset"]}

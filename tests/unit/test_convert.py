@@ -21,12 +21,12 @@ from worker.convert import (
     DECODABLE,
     Conversion,
     ConversionError,
-    Limits,
+    DecodeLimits,
     Rendered,
     open_image,
 )
 
-LIMITS = Limits(max_pixels=10_000_000, max_frames=50)
+LIMITS = DecodeLimits(max_pixels=10_000_000, max_frames=50)
 
 
 def profile(body: str) -> Profile:
@@ -38,7 +38,7 @@ ALL_FORMATS = profile('formats = ["avif", "webp", "jpeg", "png"]\nwidths = [48]'
 
 
 def open_bytes(
-    tmp_path: Path, data: bytes, fmt: str, prof: Profile = PNG_60, limits: Limits = LIMITS
+    tmp_path: Path, data: bytes, fmt: str, prof: Profile = PNG_60, limits: DecodeLimits = LIMITS
 ) -> Conversion:
     path = tmp_path / "original"
     path.write_bytes(data)
@@ -202,7 +202,8 @@ def test_animation_is_kept_in_webp_and_first_frame_elsewhere(tmp_path: Path, fmt
 
 def test_too_many_frames_become_a_still(tmp_path: Path) -> None:
     data = pixels.animated("GIF", [RED, BLUE, RED, BLUE])
-    conversion = open_bytes(tmp_path, data, "gif", ALL_FORMATS, Limits(10_000_000, max_frames=3))
+    limits = DecodeLimits(10_000_000, max_frames=3)
+    conversion = open_bytes(tmp_path, data, "gif", ALL_FORMATS, limits)
     with Image.open(io.BytesIO(render_all(conversion)["w48.webp"].data)) as webp:
         assert getattr(webp, "n_frames", 1) == 1
 
@@ -278,7 +279,7 @@ def test_corrupt_png_data_fails_not_a_grey_picture(tmp_path: Path) -> None:
 def test_pixel_limit_is_checked_before_decoding(tmp_path: Path) -> None:
     data = pixels.save(pixels.marked(400, 300), "PNG")
     with pytest.raises(ConversionError, match=r"400x300 is 120000 pixels, above the limit"):
-        open_bytes(tmp_path, data, "png", limits=Limits(max_pixels=100_000, max_frames=10))
+        open_bytes(tmp_path, data, "png", limits=DecodeLimits(max_pixels=100_000, max_frames=10))
     # A header claiming 100000 x 100000 with no pixel data behind it: refused by the limit,
     # never read (a decoder would fail on the data instead).
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
