@@ -23,7 +23,7 @@ from api.views import record_json
 from core import events
 from core.errors import Conflict, NotFound, StorageUnavailable
 from core.jobs import enqueue_convert
-from core.models import ImageRecord, PendingSet, Variant, new_generation, validate_image_id
+from core.models import ImageRecord, PendingSet, new_generation, planned, validate_image_id
 from core.profiles import Profiles
 from core.records import Purge, Records
 from core.storage import Store
@@ -84,7 +84,7 @@ class Reconversion:
             profile = chosen or self.profiles.require(record.profile)
             plan = profile.plan(record.width, record.height, alpha=None)
             replaced[:] = [record.pending] if record.pending else []
-            pending = PendingSet(vset, profile.name, tuple(Variant(spec.name) for spec in plan))
+            pending = PendingSet(vset, profile.name, planned(plan))
             return replace(record, status="processing", error=None, pending=pending)
 
         def queue_it(pipe: Pipeline, record: ImageRecord) -> None:

@@ -31,9 +31,9 @@ from core.models import (
     Annotations,
     ImageRecord,
     ObjectKeys,
-    Variant,
     new_generation,
     new_image_id,
+    planned,
     utc_now,
 )
 from core.profiles import Profile
@@ -307,7 +307,7 @@ def _new_record(
         filename=filename,
         created_at=utc_now(),
         profile=profile.name,
-        variants=tuple(Variant(spec.name) for spec in plan),
+        variants=planned(plan),
         alt=annotations.alt,
         metadata=annotations.metadata or {},
     )

@@ -12,9 +12,10 @@ import re
 import secrets
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from core.errors import BadRequest, InvalidAlt, InvalidMetadata
 
@@ -34,6 +35,11 @@ META_ID = "picstream-id"
 META_GEN = "picstream-gen"
 
 
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
     """One rendition of an image (written by the worker)."""
@@ -51,6 +57,11 @@ class Variant:
     def from_dict(cls, data: dict[str, Any]) -> Variant:
         fields: dict[str, Any] = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**fields)
+
+
+def planned(specs: Iterable[Named]) -> tuple[Variant, ...]:
+    """The variants a plan (core/profiles.py `Profile.plan`) names, each still pending."""
+    return tuple(Variant(spec.name) for spec in specs)
 
 
 @dataclass(frozen=True, slots=True)

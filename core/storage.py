@@ -26,8 +26,9 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, cast
+from urllib.parse import urlsplit
 
 import urllib3
 from minio import Minio
@@ -64,6 +65,22 @@ def _translated(action: str) -> Iterator[None]:
         raise StorageUnavailable(f"{action} failed: S3 error {exc.code}") from exc
     except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
         raise StorageUnavailable(f"{action} failed: {type(exc).__name__}") from exc
+
+
+def _client(
+    settings: Settings, endpoint: str, http: urllib3.PoolManager | None = None
+) -> Minio:
+    """The one place a minio client is made: for the store itself, or for presigning on the
+    endpoint clients see."""
+    parts = urlsplit(endpoint)
+    return Minio(
+        parts.netloc,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=parts.scheme == "https",
+        region=settings.s3_region,  # else the SDK spends a request looking it up
+        http_client=http,
+    )
 
 
 Headers = dict[str, str | list[str] | tuple[str]]
@@ -121,15 +138,23 @@ class Store:
                 total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
             ),
         )
-        client = Minio(
-            settings.s3_host,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-            secure=settings.s3_secure,
-            region=settings.s3_region,  # else the SDK spends a request looking it up
-            http_client=http,
+        return cls(_client(settings, settings.s3_endpoint, http), settings.s3_bucket)
+
+    @classmethod
+    def as_clients_see_it(cls, settings: Settings) -> Store:
+        """The bucket at S3_PUBLIC_ENDPOINT, for presigned URLs that clients follow: signing
+        is local computation (the region is given), so this store never sends a request."""
+        return cls(_client(settings, settings.s3_public_endpoint), settings.s3_bucket)
+
+    def presigned_get(self, key: str, seconds: int, content_type: str | None = None) -> str:
+        """A URL that GETs `key` without credentials for `seconds` (answered with
+        `content_type` when given)."""
+        headers: Headers | None = (
+            {"response-content-type": content_type} if content_type else None
         )
-        return cls(client, settings.s3_bucket)
+        return self.client.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=seconds), response_headers=headers
+        )
 
     def ping(self) -> None:
         """Raise StorageUnavailable unless the bucket answers."""

@@ -62,7 +62,7 @@ from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.jobs import make_queue
 from core.migrate import migrate_image
 from core.mirror import mirror_record
-from core.models import META_BLAKE3, ImageRecord, ObjectKeys, PendingSet, Variant
+from core.models import META_BLAKE3, ImageRecord, ObjectKeys, PendingSet, Variant, planned
 from core.profiles import Profile, ProfileError, Profiles, load_profiles
 from core.records import Purge
 from core.settings import ConversionSettings
@@ -216,7 +216,7 @@ class ImageJob:
 
         def start(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
-            planned = tuple(Variant(spec.name) for spec in conversion.plan)
+            wanted = planned(conversion.plan)
             record = replace(
                 record,
                 width=conversion.width,
@@ -225,7 +225,7 @@ class ImageJob:
             )
             if target == "current":
                 record = replace(record, status="processing", error=None)
-            return self._with_set(record, target, planned)
+            return self._with_set(record, target, wanted)
 
         self._update(start, lambda pipe, rec: events.append(pipe, rec, events.status_event(rec)))
 
