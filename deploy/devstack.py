@@ -30,6 +30,7 @@ web with it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import pwd
@@ -81,12 +82,28 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: 
         raise SystemExit(f"{exc}; see var/{name}.log") from None
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_devstack() -> None:
+    """In a child, before exec: Linux sends it SIGTERM when devstack dies, however it dies
+    (a `kill -9` of devstack left Redis, the store, nginx and the Procfile running). Not
+    Linux: nothing (Ctrl-C still stops everything in order)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = open(VAR / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
     say(f"devstack: starting {name}: {' '.join(argv)}", flush=True)
     # Own session: Ctrl-C reaches devstack and honcho only; we stop servers after the app.
     return subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=stop_with_devstack,  # before any thread starts
     )
 
 
@@ -459,6 +476,8 @@ def run_procfile(env: dict[str, str], ready: Callable[[], None]) -> int:
         [honcho, "-f", str(ROOT / "Procfile"), "-d", str(ROOT), "start"],
         env=env,
         start_new_session=True,
+        # honcho's SIGTERM handler stops the Procfile's processes as on Ctrl-C.
+        preexec_fn=stop_with_devstack,  # before any thread starts
     )
 
     stopping = False

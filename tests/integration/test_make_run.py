@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,3 +137,24 @@ def test_a_taken_port_is_one_clear_line_before_anything_starts(
     assert refused.returncode != 0
     assert refused.stderr.strip() == f"port {port} is in use: set PORT to a free one, or unset it"
     assert not (tmp_path / "a" / "redis").exists()  # nothing was started
+
+
+def test_a_killed_make_run_leaves_no_server_behind(tmp_path: Path, stacks: list[Stack]) -> None:
+    port = free_port()
+    stack = Stack(tmp_path / "var", PORT=str(port))
+    stacks.append(stack)
+    assert stack.banner.wait(120), stack.output
+    redis_port = int(field(stack.output, "Redis").rsplit(":", 1)[1].split("/")[0])
+    s3_port = int(field(stack.output, "S3 store").rsplit(":", 1)[1])
+
+    os.kill(stack.proc.pid, signal.SIGKILL)  # devstack alone, as `kill -9` would
+    stack.proc.wait()
+
+    def serving(p: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", p)) == 0
+
+    deadline = time.monotonic() + 30
+    while any(serving(p) for p in (port, redis_port, s3_port)):
+        assert time.monotonic() < deadline, "servers outlived their devstack"
+        time.sleep(0.2)  # polling ports closing, bounded by the deadline
