@@ -404,6 +404,11 @@ def stop_with(supervisor: int) -> None:
         raise SystemExit(f"the supervisor (pid {supervisor}) is gone")
 
 
+def _without_maintenance_chatter(record: logging.LogRecord) -> bool:
+    """False for rq's "cleaning registries" lines below WARNING (a logging filter)."""
+    return record.levelno >= logging.WARNING or "cleaning" not in str(record.msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m worker", description="Conversion worker: an rq worker, supervised."
@@ -426,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # pyvips forwards libvips' chatter ("VIPS: thumbnailing ...") at INFO.
     logging.getLogger("pyvips").setLevel(logging.WARNING)
+    # rq logs its registry cleaning at INFO on every maintenance (every 10 s here), which
+    # buried everything else in `make run`'s output.
+    logging.getLogger("rq.worker").addFilter(_without_maintenance_chatter)
     if args.supervised_by is not None:
         return run_worker(settings, args.supervised_by)
     child = [sys.executable, "-m", "worker", "--supervised-by", str(os.getpid())]
