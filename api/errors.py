@@ -26,6 +26,7 @@ TYPE_PREFIX = "urn:picstream:problem:"
 # its row; a subclass without one (added later) is answered as its nearest listed base.
 TABLE: dict[type[domain.PicstreamError], tuple[int, str, str]] = {
     domain.BadRequest: (400, "bad-request", "Bad request"),
+    domain.InvalidImageId: (400, "bad-request", "Bad request"),
     domain.ProfileNotFound: (400, "bad-request", "Bad request"),
     domain.InvalidWebhookUrl: (400, "bad-request", "Bad request"),
     domain.WebhookHostNotAllowed: (400, "bad-request", "Bad request"),

@@ -25,6 +25,10 @@ class BadRequest(PicstreamError):
     """The request itself is malformed (bad id, bad header, malformed multipart body)."""
 
 
+class InvalidImageId(BadRequest):
+    """An image id outside `[A-Za-z0-9_-]{1,64}` (path, tus metadata, token)."""
+
+
 class ProfileNotFound(BadRequest):
     """No conversion profile has this name (`?profile=`, or a record's profile that was
     removed from the profiles file)."""

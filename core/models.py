@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from core.errors import BadRequest, InvalidAlt, InvalidMetadata
+from core.errors import BadRequest, InvalidAlt, InvalidImageId, InvalidMetadata
 
 Status = Literal["processing", "ready", "failed"]
 VariantStatus = Literal["pending", "ready", "failed"]
@@ -161,7 +161,7 @@ class ImageRecord:
 def validate_image_id(value: str) -> str:
     """A client-chosen id: `[A-Za-z0-9_-]{1,64}`, anything else is a 400."""
     if not IMAGE_ID_RE.fullmatch(value):
-        raise BadRequest("image id must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+        raise InvalidImageId("image id must be 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
     return value
 
 
