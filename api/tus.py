@@ -231,6 +231,10 @@ class Resumable:
             return state
         with self.states.locked(state) as lease:
             state = self._reload(state)
+            if state.done:  # finished by the request this one waited for
+                if offset != state.length:
+                    raise OffsetMismatch(f"the upload is complete at offset {state.length}")
+                return state
             if offset != state.offset:
                 raise OffsetMismatch(f"the upload is at offset {state.offset}, not {offset}")
             if length is not None:
@@ -310,7 +314,7 @@ class Resumable:
             pipe.zrem(PURGES_KEY, guard)
 
         try:
-            _, created = self.uploads.adopt(
+            record, created = self.uploads.adopt(
                 state.keys,
                 ingested,
                 state.filename or None,
@@ -327,8 +331,11 @@ class Resumable:
             self._discard(state)
             self.states.forget(state)
             raise
-        if not created:  # the same bytes were already this image: ours are a copy
-            self._discard(state)
+        if not created:
+            if record.gen != state.gen:  # the same bytes were already this image: a copy
+                self._discard(state)
+            # (The same incarnation: this upload was committed by a request this one raced;
+            # its objects are the image's now and must stay.)
             self.states.save(state, lease, done=True)
         state.done = True
 
@@ -367,6 +374,9 @@ class TusCreation:
         meta = Metadata.parse(req.get_header("Upload-Metadata"))
         grant = getattr(req.context, "grant", None)
         body = _has_body(req)
+        declared = req.content_length
+        if body and declared is not None and length is not None and declared > length:
+            raise TooLarge(f"the body goes past the Upload-Length of {length} bytes")
         checksum = _checksum(req)
         # The use is spent once the upload exists; a body refused later does not give it
         # back (as for a PATCH): the upload was made.
@@ -451,13 +461,18 @@ class TusUpload:
         if grant is not None and self.tokens.is_revoked(grant):
             raise TokenRevoked("this upload token was revoked")
         try:
-            return self.resumable.find(req.context.owner, uid)
+            state = self.resumable.find(req.context.owner, uid)
         except UploadExpired:
             if not expired_ok:
                 raise
-            state = self.resumable.states.load(uid)
-            assert state is not None
-            return state
+            found = self.resumable.states.load(uid)
+            assert found is not None
+            state = found
+        # A token reaches only the uploads it created (not the owner's others, made with
+        # the key or another token, with other limits).
+        if grant is not None and state.jti != grant.jti:
+            raise NotFound("no such upload (it may have expired)")
+        return state
 
 
 def _speaks_tus(req: falcon.Request, resp: falcon.Response) -> None:

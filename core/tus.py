@@ -65,6 +65,7 @@ from core.errors import (
     PicstreamError,
     QueueUnavailable,
     TooLarge,
+    UploadExpired,
     UploadInProgress,
     UploadLocked,
 )
@@ -89,11 +90,22 @@ KEEP_AFTER_EXPIRY = 86_400
 
 # Apply field changes (ARGV[2..]) only while the lease (KEYS[2]) holds this PATCH's token.
 _SAVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
+"""
+# The next part number, only while the upload exists (a late request must not bring back a
+# state without its TTL and fields).
+_NEXT_PART = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return -1
+end
+return redis.call('HINCRBY', KEYS[1], 'next_part', 1)
 """
 
 
@@ -239,8 +251,14 @@ class TusStates:
     def save(self, state: TusState, lease: UploadLease, **values: Any) -> None:
         """Apply `values` to the state, fenced by the lock: UploadLocked if it was lost."""
         flat = [item for pair in changes(**values).items() for item in pair]
+        if time.time() > state.expires and not values.get("done"):
+            # Past the expiry the janitor may have aborted the upload and consumed its
+            # guard: nothing more may be stored or promised.
+            raise UploadExpired("this upload expired before it was finished; start a new one")
         with _translated("upload state write"):
             ok = self.redis.eval(_SAVE, 2, state_key(state.uid), lease.key, lease.token, *flat)
+        if ok == -1:
+            raise UploadExpired("this upload is gone (it expired or was terminated)")
         if not ok:
             raise UploadLocked("this request lost its hold on the upload (it took too long)")
         for name, value in values.items():
@@ -249,7 +267,10 @@ class TusStates:
     def next_part(self, state: TusState) -> int:
         """A part number no request of this upload has used (S3 allows up to 10,000)."""
         with _translated("part numbering"):
-            return int(self.redis.hincrby(state_key(state.uid), "next_part", 1))
+            number = int(self.redis.eval(_NEXT_PART, 1, state_key(state.uid)))
+        if number < 0:
+            raise UploadExpired("this upload is gone (it expired or was terminated)")
+        return number
 
     def parts_used(self, state: TusState) -> int:
         with _translated("part numbering"):
@@ -570,6 +591,8 @@ class PatchWriter:
             self._drop_old_tail()  # nothing new since the last save (or an empty PATCH)
             return
         tail_key = ""
+        if time.time() > state.expires:
+            raise UploadExpired("this upload expired before it was finished; start a new one")
         if buffer.pos:
             tail_key = f"{tails_prefix(state)}{secrets.token_hex(8)}"
             self.store.put(tail_key, buffer.view(), "application/octet-stream", {})

@@ -25,12 +25,15 @@ import pytest
 from blake3 import blake3
 from redis import Redis
 
+from api.app import Collaborators
+from api.app import _routes as app_routes
+from api.tus import Resumable, TusCreation
 from core import janitor
 from core.ingest import PartBuffer
 from core.leases import MULTIPART_KEY
 from core.records import PURGES_KEY, Records, lease_key
 from core.storage import Store
-from core.tus import POOL, PatchWriter
+from core.tus import POOL, PatchWriter, TusStates
 from tests import servers
 from tests.http import Api, Response
 from tests.images import jpeg, png
@@ -605,3 +608,80 @@ def test_a_patch_frees_its_part_buffers_without_the_cycle_collector(
         assert writers == []  # nor the writers, which hold their parts' futures
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------ found by review
+
+
+def resumable_of(services: Collaborators) -> Resumable:
+    creation = next(r for path, r in app_routes(services) if path == "/v1/tus")
+    assert isinstance(creation, TusCreation)
+    return creation.resumable
+
+
+def test_a_patch_that_waited_while_the_last_one_committed_leaves_the_image_whole(
+    api: Api, services: Collaborators, store: Store
+) -> None:
+    """A request that loaded the upload before the final PATCH committed it, then got the
+    lock: it must see the upload done, never treat the image as a copy of itself."""
+    body = image(PART + 1000)
+    location = create(api, len(body), id="victim").header("Location") or ""
+    states = TusStates(services.records.redis, services.leases)
+    stale = states.load(location.rsplit("/", 1)[1])
+    assert stale is not None and not stale.done
+    last = patch(api, location, 0, body)  # the final PATCH commits the image
+    assert last.header("Picstream-Image") == "/v1/images/victim"
+
+    again = resumable_of(services).append(stale, len(body), None, None, None)
+
+    assert again.done
+    record = record_of(api, last)
+    assert api.request("GET", f"/v1/images/{record['id']}/original").body == body
+    only_the_image_is_left(store, record)
+
+
+def test_a_creation_body_longer_than_its_length_is_refused_before_anything_exists(
+    api: Api, store: Store, redis_client: Redis
+) -> None:
+    body = image(PART + 100)
+    headers = {**OCTETS, "Upload-Length": str(PART + 10)}
+    refused = api.request("POST", "/v1/tus", body, headers)
+    assert refused.status == 413 and refused.header("Location") is None
+    nothing_is_left(store, redis_client)
+    assert list(redis_client.scan_iter("picstream:tus:*")) == []
+
+
+def test_a_token_reaches_only_the_uploads_it_created(api: Api) -> None:
+    mine = mint(api, uploads=2)
+    other = mint(api, uploads=1)
+    with_key = create(api, 1000).header("Location") or ""
+    as_page = Api(api.host, api.port, mine["token"])
+    own = create(as_page, 1000).header("Location") or ""
+    assert head(as_page, own).status == 200
+    assert head(as_page, with_key).status == 404  # the owner's, made with the key
+    elsewhere = Api(api.host, api.port, other["token"])
+    assert head(elsewhere, own).status == 404  # the same owner's other token
+    assert elsewhere.request("DELETE", own, headers=TUS).status == 404
+    assert head(api, own).status == 200  # the key reaches all of the owner's uploads
+
+
+def test_a_patch_still_running_at_the_expiry_stores_nothing_more(
+    start_api: StartApi, env: dict[str, str], store: Store, redis_client: Redis
+) -> None:
+    _, api = start_api({**env, "PICSTREAM_TUS_EXPIRY": "2", "PICSTREAM_READ_TIMEOUT": "60"})
+    body = image(3 * PART)
+    location = create(api, len(body)).header("Location") or ""
+    headers = (
+        f"Content-Length: {PART + 100}\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+        "Content-Type: application/offset+octet-stream\r\n"
+    )
+    sock = socket.create_connection((api.host, api.port))
+    sock.sendall(api.headers_for("PATCH", location, headers) + body[:1000])
+    wait_until(lambda: head(api, location).status == 410, 10, "the upload to expire")
+    janitor.run_once(store, Records(redis_client), now=time.time() + 120)
+    sock.sendall(body[1000 : PART + 100])
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 410"), answer[:200]
+    janitor.run_once(store, Records(redis_client), now=time.time() + 3 * 86_400)
+    assert store.keys("") == [] and store.incomplete_uploads() == []
