@@ -246,13 +246,17 @@ class Resumable:
         return state
 
     def settle(self, state: TusState) -> TusState:
-        """HEAD of an upload whose bytes are all stored but whose image is not (its final
-        PATCH failed to commit): try the commit again."""
-        if state.done or not state.stored:
+        """HEAD of an upload whose bytes are all in but whose image is not made (its final
+        PATCH failed after storing them): finish it now, as tus clients that see the
+        whole length in HEAD send nothing more."""
+        received = state.length is not None and state.offset == state.length
+        if state.done or not received:
             return state
         with self.states.locked(state) as lease:
             state = self._reload(state)
             if not state.done:
+                if not state.stored:
+                    self._write(state, lease, _NOTHING, None)
                 self._finish(state, lease)
         return state
 
@@ -498,6 +502,21 @@ def _progress(resp: falcon.Response, state: TusState) -> None:
         resp.set_header("Upload-Expires", format_datetime(when, usegmt=True))
     else:
         resp.set_header(IMAGE_HEADER, f"/v1/images/{state.image_id}")
+
+
+class _Empty:
+    """A body with no bytes (a HEAD that finishes an upload whose bytes are all in)."""
+
+    def readinto(self, view: memoryview) -> int:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _NoBody:
+    source: _Empty
+
+
+_NOTHING = _NoBody(_Empty())
 
 
 def _creation_length(req: falcon.Request) -> int | None:

@@ -612,12 +612,7 @@ class PatchWriter:
             digest = hasher.hexdigest() if hasher is not None else _blake3_of(buffer)
             self.store.put(key, buffer.view(), head.content_type, self._object_meta(head, digest))
         else:
-            upload = self._multipart()
-            parts = [_part(n, etag) for n, etag in state.parts]
-            if buffer.pos:
-                number = self.states.next_part(state)
-                parts.append(upload.upload_part(number, buffer.view()))
-            upload.complete(parts)
+            self._complete_multipart(buffer, hasher)
             digest = hasher.hexdigest() if hasher is not None else self._rehash(key)
             if state.length is not None and state.length <= COPY_LIMIT:
                 meta = self._object_meta(head, digest)
@@ -643,6 +638,26 @@ class PatchWriter:
         if self.old_tail and self.old_tail != self.state.tail_key:
             _delete_quietly(self.store, self.old_tail)
         self.old_tail = self.state.tail_key
+
+    def _complete_multipart(self, buffer: PartBuffer, hasher: Any) -> None:
+        """Send the last part and complete the multipart upload, saving the whole length
+        first: when a later step fails (the metadata copy, the re-hash, Redis), the retry
+        (an empty PATCH at Upload-Length, or a HEAD) comes back here with nothing left to
+        send and finds the object already completed."""
+        state = self.state
+        upload = self._multipart()
+        if buffer.pos:
+            number = self.states.next_part(state)
+            done = upload.upload_part(number, buffer.view())
+            state.parts = [*state.parts, (done.part_number, done.etag)]
+        length = state.length or 0
+        self._save(length, hasher, parts=state.parts, tail_key="", tail_len=0)
+        try:
+            upload.complete([_part(n, etag) for n, etag in state.parts])
+        except NotFound:
+            # Completed by an earlier try whose later steps failed: the object is there.
+            if self.store.stat(state.keys.original).size != length:
+                raise
 
     def _rehash(self, key: str) -> str:
         """The BLAKE3 of the stored object, read back once (the hash was lost between

@@ -23,6 +23,7 @@ from typing import Any
 import falcon.testing
 import pytest
 from blake3 import blake3
+from minio.datatypes import Part
 from redis import Redis
 
 from api.app import Collaborators
@@ -32,7 +33,7 @@ from core import janitor
 from core.ingest import PartBuffer
 from core.leases import MULTIPART_KEY
 from core.records import PURGES_KEY, Records, lease_key
-from core.storage import Store
+from core.storage import MultipartUpload, Store
 from core.tus import POOL, PatchWriter, TusStates
 from tests import servers
 from tests.http import Api, Response
@@ -685,3 +686,35 @@ def test_a_patch_still_running_at_the_expiry_stores_nothing_more(
     assert answer.startswith(b"HTTP/1.1 410"), answer[:200]
     janitor.run_once(store, Records(redis_client), now=time.time() + 3 * 86_400)
     assert store.keys("") == [] and store.incomplete_uploads() == []
+
+
+def test_an_upload_whose_last_steps_failed_after_the_store_completed_it_is_finished_by_head(
+    api: Api, services: Collaborators, store: Store, redis_client: Redis
+) -> None:
+    """What the final PATCH leaves when a step after CompleteMultipartUpload fails (the
+    metadata copy, the re-hash, Redis): the whole length saved, the object complete, no
+    BLAKE3 yet. A tus client that then sees the whole length in HEAD sends nothing more:
+    the HEAD finishes the image."""
+    body = image(2 * PART + 10)
+    location = create(api, len(body)).header("Location") or ""
+    assert patch(api, location, 0, body[: 2 * PART]).status == 204
+    states = TusStates(services.records.redis, services.leases)
+    state = states.load(location.rsplit("/", 1)[1])
+    assert state is not None and state.upload_id and len(state.parts) == 2
+    # The final PATCH's steps up to and including the completion, as _complete_multipart
+    # takes them; then it "fails" (nothing after this runs).
+    with states.locked(state) as lease:
+        upload = MultipartUpload(store, state.keys.original, state.upload_id)
+        last = upload.upload_part(states.next_part(state), memoryview(body[2 * PART :]))
+        parts = [*state.parts, (last.part_number, last.etag)]
+        states.save(state, lease, offset=len(body), parts=parts, hasher="")
+        upload.complete([Part(n, etag) for n, etag in parts])
+
+    finished = head(api, location)
+
+    assert finished.status == 200, finished.body
+    assert finished.header("Upload-Offset") == str(len(body))
+    record = record_of(api, finished)
+    assert record["blake3"] == blake3(body).hexdigest()  # read back: the hash was lost
+    only_the_image_is_left(store, record)
+    assert redis_client.zcard(PURGES_KEY) == 0 and redis_client.zcard(MULTIPART_KEY) == 0
