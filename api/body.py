@@ -194,3 +194,18 @@ def _disposition_filename(header: str | None) -> str | None:
         return clean_filename(msg.get_filename())
     except (ValueError, LookupError):
         raise BadRequest("the Content-Disposition header is malformed") from None
+
+
+def read_capped(read: Callable[[int], bytes], limit: int) -> bytes:
+    """A small body (a JSON request) read to its end or to `limit` bytes, whichever comes
+    first; the client's failures become domain errors."""
+    data = bytearray()
+    while len(data) < limit:
+        try:
+            chunk = read(limit - len(data))
+        except Exception as exc:
+            raise body_read_error(exc) from exc
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)

@@ -17,7 +17,8 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import falcon
 
-from api.gunicorn import body_read_error, set_read_timeout
+from api.body import read_capped
+from api.gunicorn import set_read_timeout
 from core.errors import BadRequest, NotFound, StorageUnavailable, TooLarge, WrongContentType
 from core.mirror import mirror_record
 from core.models import (
@@ -110,7 +111,7 @@ def read_patch(req: falcon.Request, read_timeout: float) -> dict[str, Any]:
     if length is not None and length > PATCH_MAX_BYTES:
         raise TooLarge(f"a merge patch may be at most {PATCH_MAX_BYTES} bytes")
     set_read_timeout(req.env, read_timeout)
-    data = _read_at_most(req.stream.read, length if length is not None else PATCH_MAX_BYTES + 1)
+    data = read_capped(req.stream.read, length if length is not None else PATCH_MAX_BYTES + 1)
     if len(data) > PATCH_MAX_BYTES:
         raise TooLarge(f"a merge patch may be at most {PATCH_MAX_BYTES} bytes")
     patch = strict_json(data, "the merge patch")
@@ -123,17 +124,6 @@ def read_patch(req: falcon.Request, read_timeout: float) -> dict[str, Any]:
     return patch
 
 
-def _read_at_most(read: Callable[[int], bytes], limit: int) -> bytes:
-    data = bytearray()
-    while len(data) < limit:
-        try:
-            chunk = read(limit - len(data))
-        except Exception as exc:
-            raise body_read_error(exc) from exc
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -11,7 +11,8 @@ from typing import Any
 
 import falcon
 
-from api.gunicorn import body_read_error, set_read_timeout
+from api.body import read_capped
+from api.gunicorn import set_read_timeout
 from core.errors import BadRequest, WrongContentType
 from core.models import validate_image_id
 from core.profiles import Profiles
@@ -169,7 +170,7 @@ def read_json_object(req: falcon.Request, read_timeout: float) -> dict[str, obje
     if length is not None and length > MAX_BODY:
         raise BadRequest(f"the request body is larger than {MAX_BODY} bytes")
     set_read_timeout(req.env, read_timeout)
-    data = _read_at_most(req.stream.read, length if length is not None else MAX_BODY + 1)
+    data = read_capped(req.stream.read, length if length is not None else MAX_BODY + 1)
     if len(data) > MAX_BODY:
         raise BadRequest(f"the request body is larger than {MAX_BODY} bytes")
     try:
@@ -181,14 +182,3 @@ def read_json_object(req: falcon.Request, read_timeout: float) -> dict[str, obje
     return value
 
 
-def _read_at_most(read: Callable[[int], bytes], limit: int) -> bytes:
-    data = bytearray()
-    while len(data) < limit:
-        try:
-            chunk = read(limit - len(data))
-        except Exception as exc:
-            raise body_read_error(exc) from exc
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)

@@ -59,7 +59,8 @@ def connect(settings: Settings) -> Redis:
 
 
 @contextmanager
-def _translated(action: str) -> Iterator[None]:
+def redis_errors(action: str) -> Iterator[None]:
+    """Redis failures inside the block become QueueUnavailable naming `action`."""
     try:
         yield
     except redis.RedisError as exc:
@@ -88,19 +89,19 @@ class Records:
         self.redis = client
 
     def ping(self) -> None:
-        with _translated("Redis ping"):
+        with redis_errors("Redis ping"):
             self.redis.ping()
 
     def get(self, owner: str, image_id: str) -> ImageRecord:
         """The record, or NotFound (also for another owner's id: keys are owner-scoped)."""
-        with _translated("record read"):
+        with redis_errors("record read"):
             raw = self.redis.get(_image_key(owner, image_id))
         if raw is None:
             raise NotFound(f"no image {image_id!r}")
         return ImageRecord.from_dict(json.loads(raw))
 
     def exists(self, owner: str, image_id: str) -> bool:
-        with _translated("record read"):
+        with redis_errors("record read"):
             return bool(self.redis.exists(_image_key(owner, image_id)))
 
     def commit(
@@ -122,7 +123,7 @@ class Records:
         key = _image_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
         fence_ms = int(fence * 1000)
-        with _translated("record write"):
+        with redis_errors("record write"):
             if not lease.freeze(fence_ms):
                 raise QueueUnavailable("the upload's lease expired before its commit")
         # Redis set the fence before it answered (a retried freeze too: see _FREEZE), so it
@@ -203,7 +204,7 @@ class Records:
         """(owner, id) of every record, in no particular order (SCAN: safe on a live
         system; ids added meanwhile may or may not be seen)."""
         prefix = f"{NS}:image:"
-        with _translated("record scan"):
+        with redis_errors("record scan"):
             for raw in self.redis.scan_iter(match=f"{prefix}*", count=1000):
                 owner, _, image_id = raw.decode()[len(prefix) :].partition(":")
                 yield owner, image_id
@@ -214,7 +215,7 @@ class Records:
         key = _image_key(record.owner, record.id)
         lease = lease_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
-        with _translated("record restore"), self.redis.pipeline(transaction=True) as pipe:
+        with redis_errors("record restore"), self.redis.pipeline(transaction=True) as pipe:
             try:
                 pipe.watch(key, lease)  # type: ignore[no-untyped-call]
                 if pipe.exists(key) or pipe.exists(lease):
@@ -237,7 +238,7 @@ class Records:
         pages stay stable while images arrive."""
         found = self._index_after(owner, limit + 1, after)
         ids = found[:limit]
-        with _translated("record read"):
+        with redis_errors("record read"):
             raws = (
                 self.redis.mget([_image_key(owner, image_id) for _, image_id in ids]) if ids else []
             )
@@ -254,7 +255,7 @@ class Records:
         found: list[tuple[int, str]] = []
         offset = 0
         while len(found) < count:
-            with _translated("index read"):
+            with redis_errors("index read"):
                 batch = self.redis.zrevrangebyscore(
                     _index_key(owner), top, "-inf", start=offset, num=count, withscores=True
                 )
@@ -300,7 +301,7 @@ class Records:
         after MULTI, EXEC; start over when another writer got in between. None when the
         record does not exist."""
         key = _image_key(owner, image_id)
-        with _translated(action), self.redis.pipeline(transaction=True) as pipe:
+        with redis_errors(action), self.redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_RACES):
                 try:
                     pipe.watch(key)  # type: ignore[no-untyped-call]
@@ -325,7 +326,7 @@ class Records:
         if pipe is not None:
             pipe.zadd(PURGES_KEY, {purge.member(): due})
             return
-        with _translated("purge list"):
+        with redis_errors("purge list"):
             self.redis.zadd(PURGES_KEY, {purge.member(): due})
 
     def queue_purge(self, prefix: str) -> None:
@@ -335,18 +336,18 @@ class Records:
     def purging(self, prefix: str) -> bool:
         """Whether a purge of exactly `prefix` is pending: its objects belong to an image
         that was deleted, or to an upload that never committed (core/leases.py)."""
-        with _translated("purge list"):
+        with redis_errors("purge list"):
             found = self.redis.zrange(PURGES_KEY, 0, -1)
         return any(Purge.parse(m).prefix == prefix for m in cast(list[bytes], found))
 
     def due_purges(self, now: float | None = None) -> list[Purge]:
-        with _translated("purge list"):
+        with redis_errors("purge list"):
             found = self.redis.zrangebyscore(PURGES_KEY, "-inf", now or time.time())
         return [Purge.parse(m) for m in cast(list[bytes], found)]
 
     def purged(self, purge: Purge, now: float | None = None) -> None:
         """The purge ran: drop it, or keep it for one more run at its `until`."""
-        with _translated("purge list"):
+        with redis_errors("purge list"):
             if (now or time.time()) < purge.until:
                 self.redis.zadd(PURGES_KEY, {purge.member(): purge.until}, xx=True)
             else:

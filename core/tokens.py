@@ -30,8 +30,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -43,11 +42,11 @@ from core.errors import (
     BadRequest,
     InvalidToken,
     NotFound,
-    QueueUnavailable,
     TokenExpired,
     TokenRevoked,
     TokenUsedUp,
 )
+from core.records import redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +228,6 @@ return 0
 """
 
 
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise QueueUnavailable(f"{action} failed: Redis {type(exc).__name__}") from exc
-
-
 class UploadTokens:
     """Minting, verifying and spending upload tokens. Without a signing key, minting is a
     BadRequest and every token is invalid. `clock` is injectable for tests."""
@@ -288,7 +279,7 @@ class UploadTokens:
             callback=callback,
         )
         key = _state_key(grant.jti)
-        with _translated("recording the upload token"):
+        with redis_errors("recording the upload token"):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(key, mapping={"owner": owner, "uploads": uploads, "left": uploads})
             pipe.expireat(key, grant.exp + _SKEW)
@@ -306,7 +297,7 @@ class UploadTokens:
         """Take one use of the token, atomically across every process; the uses left.
         TokenRevoked, TokenUsedUp, InvalidToken (its state is gone: fail closed),
         QueueUnavailable (Redis failed: nothing taken, or taken and lost — fail closed)."""
-        with _translated("spending an upload token"):
+        with redis_errors("spending an upload token"):
             left = cast(int, self._consume(keys=[_state_key(grant.jti)], args=[grant.owner]))
         if left == -3:
             raise InvalidToken("this upload token is no longer known here")
@@ -329,7 +320,7 @@ class UploadTokens:
         it has not expired."""
         if not JTI_RE.fullmatch(jti):
             raise NotFound("no such upload token")
-        with _translated("revoking the upload token"):
+        with redis_errors("revoking the upload token"):
             done = self._revoke(keys=[_state_key(jti)], args=[owner])
         if not done:
             raise NotFound("no such upload token")
@@ -337,13 +328,13 @@ class UploadTokens:
     def is_revoked(self, grant: UploadGrant) -> bool:
         """Whether the token may no longer be used: revoked, or its state is gone (fail
         closed). For requests that continue an upload already paid for (a tus PATCH)."""
-        with _translated("reading the upload token"):
+        with redis_errors("reading the upload token"):
             owner, revoked = self.redis.hmget(_state_key(grant.jti), ["owner", "revoked"])
         ours = isinstance(owner, bytes) and owner.decode() == grant.owner
         return not ours or revoked is not None
 
     def left(self, grant: UploadGrant) -> int | None:
         """The uses left, or None when the token's state is gone (for tests and tooling)."""
-        with _translated("reading the upload token"):
+        with redis_errors("reading the upload token"):
             value = self.redis.hget(_state_key(grant.jti), "left")
         return None if value is None else int(value)

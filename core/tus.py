@@ -63,7 +63,6 @@ from core.errors import (
     ClientTimeout,
     NotFound,
     PicstreamError,
-    QueueUnavailable,
     TooLarge,
     UploadExpired,
     UploadInProgress,
@@ -72,7 +71,7 @@ from core.errors import (
 from core.ingest import READ_SIZE, Limits, PartBuffer, Source, check_sniffed
 from core.leases import GUARD_MARGIN, MULTIPART_KEY, Leases, UploadLease, multipart_member
 from core.models import META_GEN, META_ID, META_OWNER, ObjectKeys
-from core.records import NS, PURGES_KEY, Purge
+from core.records import NS, PURGES_KEY, Purge, redis_errors
 from core.settings import S3_MAX_PARTS, S3_MIN_PART
 from core.sink import object_metadata
 from core.sniff import NeedMore, Sniffed, sniff
@@ -199,14 +198,6 @@ def changes(**values: Any) -> dict[str, str]:
     return {k: json.dumps(v, separators=(",", ":")) for k, v in values.items()}
 
 
-@contextmanager
-def _translated(action: str) -> Iterator[None]:
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise QueueUnavailable(f"{action} failed: Redis {type(exc).__name__}") from exc
-
-
 class TusStates:
     """The state of resumable uploads in Redis, and their locks."""
 
@@ -217,14 +208,14 @@ class TusStates:
     def create(self, state: TusState) -> None:
         """Store a new upload, register the guard of its objects (due after its expiry)."""
         key = state_key(state.uid)
-        with _translated("upload creation"), self.redis.pipeline(transaction=True) as pipe:
+        with redis_errors("upload creation"), self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=state.to_fields())  # type: ignore[arg-type]
             pipe.expireat(key, int(state.expires + KEEP_AFTER_EXPIRY))
             pipe.zadd(PURGES_KEY, {state.guard: state.expires + GUARD_MARGIN})
             pipe.execute()
 
     def load(self, uid: str) -> TusState | None:
-        with _translated("upload read"):
+        with redis_errors("upload read"):
             raw = self.redis.hgetall(state_key(uid))
         return TusState.from_fields(raw) if raw else None  # type: ignore[arg-type]
 
@@ -255,7 +246,7 @@ class TusStates:
             # Past the expiry the janitor may have aborted the upload and consumed its
             # guard: nothing more may be stored or promised.
             raise UploadExpired("this upload expired before it was finished; start a new one")
-        with _translated("upload state write"):
+        with redis_errors("upload state write"):
             ok = self.redis.eval(_SAVE, 2, state_key(state.uid), lease.key, lease.token, *flat)
         if ok == -1:
             raise UploadExpired("this upload is gone (it expired or was terminated)")
@@ -266,23 +257,23 @@ class TusStates:
 
     def next_part(self, state: TusState) -> int:
         """A part number no request of this upload has used (S3 allows up to 10,000)."""
-        with _translated("part numbering"):
+        with redis_errors("part numbering"):
             number = int(self.redis.eval(_NEXT_PART, 1, state_key(state.uid)))
         if number < 0:
             raise UploadExpired("this upload is gone (it expired or was terminated)")
         return number
 
     def parts_used(self, state: TusState) -> int:
-        with _translated("part numbering"):
+        with redis_errors("part numbering"):
             used = self.redis.hget(state_key(state.uid), "next_part")
         return int(used or 0)
 
     def forget(self, state: TusState) -> None:
-        with _translated("upload removal"):
+        with redis_errors("upload removal"):
             self.redis.delete(state_key(state.uid))
 
     def unguard(self, state: TusState) -> None:
-        with _translated("upload removal"):
+        with redis_errors("upload removal"):
             self.redis.zrem(PURGES_KEY, state.guard)
 
     def tracker(self, state: TusState) -> ExpiryTracker:
@@ -298,7 +289,7 @@ class ExpiryTracker:
         self.due_ms = int(expires * 1000)
 
     def started(self, key: str, upload_id: str) -> None:
-        with _translated("upload registration"):
+        with redis_errors("upload registration"):
             self.redis.zadd(MULTIPART_KEY, {multipart_member(key, upload_id): self.due_ms})
 
     def ended(self, key: str, upload_id: str) -> None:
@@ -492,7 +483,10 @@ class PatchWriter:
         buffer = self._take()
         if not state.tail_len:
             return buffer
-        body = self.store.open_range(state.tail_key, 0, state.tail_len)
+        try:
+            body = self.store.open_range(state.tail_key, 0, state.tail_len)
+        except NotFound:  # the janitor ended the upload (expired) under this request
+            raise UploadExpired("this upload's stored bytes are gone; start a new one") from None
         try:
             while buffer.pos < state.tail_len:
                 chunk = body.read(min(READ_SIZE, state.tail_len - buffer.pos))

@@ -718,3 +718,47 @@ def test_an_upload_whose_last_steps_failed_after_the_store_completed_it_is_finis
     assert record["blake3"] == blake3(body).hexdigest()  # read back: the hash was lost
     only_the_image_is_left(store, record)
     assert redis_client.zcard(PURGES_KEY) == 0 and redis_client.zcard(MULTIPART_KEY) == 0
+
+
+def test_an_id_deleted_and_made_again_while_a_tus_upload_for_it_runs(
+    api: Api, store: Store, redis_client: Redis
+) -> None:
+    """The tus upload writes under an incarnation of its own: the id's other lives (made,
+    deleted, made again meanwhile) are never touched, and its end agrees with them."""
+    body = image(2 * PART + 77)
+    location = create(api, len(body), id="reused").header("Location") or ""
+    assert patch(api, location, 0, body[: PART + 100]).status == 204
+    first = image(len(body))
+    assert api.upload(first, "reused").status == 201
+    assert api.request("DELETE", "/v1/images/reused").status in (202, 204)
+    janitor.run_once(store, Records(redis_client), now=time.time() + 3600)
+    # The sweeps of the next hour deleted the first image's incarnation, not the upload's.
+    assert head(api, location).header("Upload-Offset") == str(PART + 100)
+    second = image(len(body))
+    made = api.upload(second, "reused")
+    assert made.status == 201
+
+    refused = patch(api, location, PART + 100, body[PART + 100 :])
+
+    assert refused.status == 409  # other bytes under the id: the upload is ended
+    assert head(api, location).status == 404
+    record = api.request("GET", "/v1/images/reused").json
+    assert record["gen"] == made.json["gen"] and record["blake3"] == blake3(second).hexdigest()
+    assert api.request("GET", "/v1/images/reused/original").body == second
+    only_the_image_is_left(store, record)
+    assert redis_client.zcard(MULTIPART_KEY) == 0
+
+
+def test_a_tus_upload_finishing_after_its_id_was_deleted_makes_the_image_anew(
+    api: Api, store: Store
+) -> None:
+    body = image(PART + 10)
+    location = create(api, len(body), id="gone").header("Location") or ""
+    assert patch(api, location, 0, body[:100]).status == 204
+    assert api.upload(image(len(body)), "gone").status == 201
+    assert api.request("DELETE", "/v1/images/gone").status in (202, 204)
+    last = patch(api, location, 100, body[100:])
+    assert last.status == 204 and last.header("Picstream-Image") == "/v1/images/gone"
+    record = record_of(api, last)
+    assert record["blake3"] == blake3(body).hexdigest()
+    assert api.request("GET", "/v1/images/gone/original").body == body
