@@ -1,5 +1,7 @@
 """`picstream-admin`: operator commands. The composition root of a one-shot process: it reads
-the same environment as the web and worker processes (see the README's settings).
+the same environment as the web and worker processes (see the README's settings), and checks
+only what the command uses: the store and Redis, and the queues for the commands that queue
+conversions.
 
     picstream-admin rebuild    recreate Redis records from the bucket's record copies
     picstream-admin janitor    one janitor sweep now
@@ -22,8 +24,15 @@ from core.errors import PicstreamError
 from core.migrate import migrate_all
 from core.rebuild import rebuild
 from core.records import Records, connect
-from core.settings import ConfigError, Settings
+from core.settings import Concern, ConfigError, Settings
 from core.storage import Store
+
+# What each command reads from the environment: rebuild and migrate queue conversions.
+CONCERNS = {
+    "rebuild": (Concern.STORAGE, Concern.JOBS),
+    "janitor": (Concern.STORAGE,),
+    "migrate": (Concern.STORAGE, Concern.JOBS),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         env = {**os.environ, **(read_env_file(args.env_file) if args.env_file else {})}
-        settings = Settings.from_env(env)
+        settings = Settings.from_env(env, CONCERNS[args.command])
     except (ConfigError, OSError) as exc:
         print(f"picstream-admin: {exc}", file=sys.stderr)
         return 2

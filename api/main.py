@@ -19,7 +19,7 @@ from api.presign import Presigner
 from core.jobs import make_queue
 from core.leases import Leases
 from core.records import Records, connect
-from core.settings import Settings
+from core.settings import WEB_PROCESS, Settings
 from core.storage import Store
 from core.tokens import UploadTokens
 
@@ -51,8 +51,9 @@ def build_collaborators(settings: Settings) -> Collaborators:
 
 
 def app() -> WSGIApplication:
-    """The web process's WSGI application, as gunicorn loads it (`api.main:app()`)."""
-    settings = Settings.from_env(os.environ)
+    """The web process's WSGI application, as gunicorn loads it (`api.main:app()`). It reads
+    the settings the web uses (deploy/gunicorn.conf.py has checked them at start-up)."""
+    settings = Settings.from_env(os.environ, WEB_PROCESS)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",

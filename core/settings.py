@@ -1,21 +1,28 @@
 """Configuration: one frozen Settings built from the environment, in one place.
 
-`Settings.from_env(env)` is the only reader of the environment in the project. It fails fast
-with a `ConfigError` that names the bad variable, so a typo stops the process at start-up
-instead of surfacing as a confusing error on the first request.
+`Settings.from_env(env, concerns)` is the only reader of the environment in the project. It
+fails fast with a `ConfigError` that names the bad variable, so a typo stops the process at
+start-up instead of surfacing as a confusing error on the first request.
 
-The fields are declared by concern, and each concern can also be read as one small frozen
-view: `settings.storage` (S3 and Redis), `settings.web` (the API process),
-`settings.conversion` (the conversion jobs) and `settings.webhooks` (deliveries). The flat
-fields stay the source of truth (the web process and core read them); a view is a copy of
-the fields of its concern, for code that wants to be handed one concern only.
+The variables are grouped by concern (`Concern`: storage, jobs, profiles, web, conversion,
+janitor, webhooks), and each process reads and checks only the concerns it uses
+(`WEB_PROCESS`, `WORKER_PROCESS`; the admin command per command): a bad web-only variable
+does not stop the worker, nor a bad conversion-only one the web. Without `concerns`, every
+concern is read (the dev launcher, tests, benchmarks). The fields of a concern not read keep
+their defaults; the process does not use them.
+
+Each group of fields a component is handed can also be read as one small frozen view:
+`settings.storage`, `settings.web`, `settings.conversion`, `settings.webhooks`. A view refuses
+to be read (`ConcernNotRead`) in a process that did not read the concerns it draws on.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
 from core.errors import InvalidWebhookUrl
@@ -45,24 +52,79 @@ class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable."""
 
 
+class ConcernNotRead(RuntimeError):
+    """Code read a view of settings its process did not read from the environment."""
+
+
+class Concern(StrEnum):
+    """A group of variables read and checked together. Each process reads the ones it uses."""
+
+    STORAGE = "storage"  # S3 and Redis: every process
+    JOBS = "jobs"  # queue names, job timeout, retry waits: whoever queues or runs jobs
+    PROFILES = "profiles"  # PICSTREAM_PROFILES: whoever plans variants (web) or renders them
+    WEB = "web"  # the API process: listening, keys, limits, thread budgets, tokens, tus
+    CONVERSION = "conversion"  # decoding limits, threads and memory of conversion jobs
+    JANITOR = "janitor"  # how often the workers sweep
+    WEBHOOK_HOSTS = "webhook hosts"  # the allow-list alone: checked at upload
+    WEBHOOKS = "webhooks"  # deliveries: the allow-list, signing key, owner URLs, retries
+
+
+EVERY_CONCERN = frozenset(Concern)
+# What `api.main:app()` and the gunicorn config read: the web checks callback URLs against
+# the allow-list but never delivers, and queues conversions it never runs.
+WEB_PROCESS = frozenset(
+    {Concern.STORAGE, Concern.JOBS, Concern.PROFILES, Concern.WEB, Concern.WEBHOOK_HOSTS}
+)
+# What `python -m worker` reads: conversions, deliveries, and the janitor's sweeps.
+WORKER_PROCESS = frozenset(
+    {
+        Concern.STORAGE,
+        Concern.JOBS,
+        Concern.PROFILES,
+        Concern.CONVERSION,
+        Concern.JANITOR,
+        Concern.WEBHOOK_HOSTS,
+        Concern.WEBHOOKS,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """The settings of one process. The fields are grouped as the concerns are; a process
+    that did not read a concern must not use its fields (see the module docstring)."""
+
     # ------------------------------------------------------------ storage: S3 and Redis
     s3_endpoint: str
     s3_access_key: str
     s3_secret_key: str = field(repr=False)
     s3_bucket: str = "picstream"
     s3_region: str = "us-east-1"
-    # What clients can reach the store at, for ?redirect=1 presigned URLs.
-    s3_public_endpoint: str = ""
-    part_size: int = 16 * MiB
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every Redis call gives up after this; an upload's commit is fenced at twice it.
     redis_timeout: float = 5.0
-    # Seconds between janitor sweeps (stale multipart uploads, pending purges).
-    janitor_interval: float = 300.0
+
+    # ------------------------------------------------------------ jobs: the queues
+    # One queue per kind of job, drained in this order by the workers: fresh uploads,
+    # webhook deliveries (a slow receiver must not hold up a conversion), reconversions.
+    queue: str = "convert"
+    webhook_queue: str = "webhooks"
+    bulk_queue: str = "reconvert"
+    job_timeout: int = 600
+    # Waits before each retry of a conversion after a transient failure (S3/Redis down).
+    retry_intervals: tuple[int, ...] = (5, 20, 60, 180)
+
+    # ------------------------------------------------------------ profiles
+    # Profiles come from PICSTREAM_PROFILES, parsed here so a bad file stops the processes
+    # that use it (web and worker) at start-up; `profiles_path` is that file ("" for the
+    # built-in profiles), which the worker reads again for every job.
+    profiles: Profiles = field(default_factory=default_profiles, repr=False)
+    profiles_path: str = ""
 
     # ------------------------------------------------------------ web: the API process
+    # What clients can reach the store at, for ?redirect=1 presigned URLs.
+    s3_public_endpoint: str = ""
+    part_size: int = 16 * MiB  # of the uploads' multipart parts
     port: int = 8000
     host: str = "127.0.0.1"
     # Where gunicorn listens (`host:port` or `unix:/path`) when nginx is in front of it and
@@ -118,34 +180,29 @@ class Settings:
     tus_expiry: float = 12 * 3600.0
 
     # ------------------------------------------------------------ conversion (worker)
-    queue: str = "convert"
-    bulk_queue: str = "reconvert"
-    job_timeout: int = 600
-    # Profiles come from PICSTREAM_PROFILES, parsed here so a bad file stops both processes
-    # at start-up; `profiles_path` is that file ("" for the built-in profiles), which the
-    # worker reads again for every job.
-    profiles: Profiles = field(default_factory=default_profiles, repr=False)
-    profiles_path: str = ""
+    # (max_pixels, above, is read by both: the web checks headers, the worker decodes.)
     max_frames: int = 100
     # Variants encoded at once within one job (libvips releases the GIL).
     convert_threads: int = 2
-    # Waits before each retry of a conversion after a transient failure (S3/Redis down).
-    retry_intervals: tuple[int, ...] = (5, 20, 60, 180)
     # Data-segment limit of one conversion process (RLIMIT_DATA); 0 = none.
     job_memory: int = 1 * GiB
 
+    # ------------------------------------------------------------ janitor (worker)
+    # Seconds between janitor sweeps (stale multipart uploads, pending purges).
+    janitor_interval: float = 300.0
+
     # ------------------------------------------------------------ webhooks
-    # The hosts that may be called, the HMAC key, owner -> URL defaults, the retry waits,
-    # and the queue deliveries wait on (never the conversions': a slow receiver must not
-    # hold up a conversion).
+    # The hosts that may be called (the web checks callback URLs against them too), the
+    # HMAC key, owner -> URL defaults and the retry waits.
     webhook_hosts: frozenset[str] = frozenset()
     webhook_secret: bytes | None = field(default=None, repr=False)
     owner_webhooks: tuple[tuple[str, str], ...] = ()
     webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
-    webhook_queue: str = "webhooks"
 
     # ------------------------------------------------------------ every process
     log_level: str = "info"
+    # The concerns read from the environment; the fields of the others are defaults.
+    concerns: frozenset[Concern] = EVERY_CONCERN
 
     @property
     def s3_secure(self) -> bool:
@@ -156,16 +213,23 @@ class Settings:
         """host:port as the minio SDK wants it."""
         return urlsplit(self.s3_endpoint).netloc
 
+    def _require(self, view: str, *needed: Concern) -> None:
+        missing = [str(concern) for concern in needed if concern not in self.concerns]
+        if missing:
+            raise ConcernNotRead(
+                f"settings.{view} draws on the {', '.join(missing)} settings, which this"
+                " process did not read (Settings.from_env's concerns)"
+            )
+
     @property
     def storage(self) -> StorageSettings:
+        self._require("storage", Concern.STORAGE, Concern.JANITOR)
         return StorageSettings(
             endpoint=self.s3_endpoint,
             access_key=self.s3_access_key,
             secret_key=self.s3_secret_key,
             bucket=self.s3_bucket,
             region=self.s3_region,
-            public_endpoint=self.s3_public_endpoint,
-            part_size=self.part_size,
             redis_url=self.redis_url,
             redis_timeout=self.redis_timeout,
             janitor_interval=self.janitor_interval,
@@ -173,7 +237,10 @@ class Settings:
 
     @property
     def web(self) -> WebSettings:
+        self._require("web", Concern.WEB)
         return WebSettings(
+            public_endpoint=self.s3_public_endpoint,
+            part_size=self.part_size,
             port=self.port,
             host=self.host,
             bind=self.bind,
@@ -205,6 +272,7 @@ class Settings:
 
     @property
     def conversion(self) -> ConversionSettings:
+        self._require("conversion", Concern.JOBS, Concern.PROFILES, Concern.CONVERSION)
         return ConversionSettings(
             queue=self.queue,
             bulk_queue=self.bulk_queue,
@@ -220,6 +288,7 @@ class Settings:
 
     @property
     def webhooks(self) -> WebhookSettings:
+        self._require("webhooks", Concern.JOBS, Concern.WEBHOOKS)
         return WebhookSettings(
             hosts=self.webhook_hosts,
             secret=self.webhook_secret,
@@ -229,87 +298,162 @@ class Settings:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Build settings from environment variables; raise ConfigError naming a bad one."""
+    def from_env(
+        cls, env: Mapping[str, str], concerns: Collection[Concern] = EVERY_CONCERN
+    ) -> Settings:
+        """Read and check the variables of `concerns` (every one unless told) and raise a
+        ConfigError naming the first bad one. The fields of the other concerns keep their
+        defaults, and the views drawing on them refuse to be read."""
         r = _Reader(env)
-        part_size = r.size("PICSTREAM_PART_SIZE", 16 * MiB, S3_MIN_PART, S3_MAX_PART)
-        threads = r.integer("PICSTREAM_WEB_THREADS", 96, 1, 4096)
-        uploads = r.integer("PICSTREAM_MAX_UPLOADS", 16, 1, 4096)
-        streams = r.integer("PICSTREAM_MAX_EVENT_STREAMS", 40, 0, 4096)
-        # Derived when unset, so a deployment that sized threads for the other two budgets
-        # (deploy/env.example, the tests) still starts: half of the threads they leave.
-        half_left = max(1, (threads - uploads - streams) // 2)
-        settings = cls(
-            # storage
-            s3_endpoint=r.url("S3_ENDPOINT", None, ("http", "https")),
-            s3_access_key=r.text("S3_ACCESS_KEY", None),
-            s3_secret_key=r.text("S3_SECRET_KEY", None),
-            s3_bucket=r.bucket("S3_BUCKET", "picstream"),
-            s3_region=r.text("S3_REGION", "us-east-1"),
-            s3_public_endpoint=r.url(
-                "S3_PUBLIC_ENDPOINT", env.get("S3_ENDPOINT") or None, ("http", "https")
-            ),
-            part_size=part_size,
-            redis_url=r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
-            redis_timeout=r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
-            janitor_interval=r.seconds("PICSTREAM_JANITOR_INTERVAL", 300.0),
-            # web
-            port=r.integer("PORT", 8000, 1, 65535),
-            host=r.text("PICSTREAM_HOST", "127.0.0.1"),
-            bind=r.text("PICSTREAM_BIND", ""),
-            accel_redirect=r.choice("PICSTREAM_ACCEL_REDIRECT", "0", ("0", "1")) == "1",
-            api_keys=r.api_keys("PICSTREAM_API_KEYS"),
-            max_upload_bytes=r.size(
-                "PICSTREAM_MAX_UPLOAD_BYTES", 1 * GiB, 1, part_size * S3_MAX_PARTS
-            ),
-            max_pixels=r.integer("PICSTREAM_MAX_PIXELS", 100_000_000, 1, 2**40),
-            max_head_bytes=r.size("PICSTREAM_MAX_HEAD_BYTES", 2 * MiB, 64 * 1024, part_size),
-            allowed_formats=r.formats("PICSTREAM_ALLOWED_FORMATS"),
-            read_timeout=r.seconds("PICSTREAM_READ_TIMEOUT", 30.0),
-            web_workers=r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
-            web_threads=threads,
-            max_uploads=uploads,
-            max_event_streams=streams,
-            max_downloads=r.integer("PICSTREAM_MAX_DOWNLOADS", half_left, 1, 4096),
-            sse_heartbeat=r.seconds("PICSTREAM_SSE_HEARTBEAT", 15.0),
-            send_timeout=r.seconds("PICSTREAM_SEND_TIMEOUT", 30.0),
-            signing_key=r.secret("PICSTREAM_SIGNING_KEY"),
-            presign_seconds=r.integer("PICSTREAM_PRESIGN_SECONDS", 300, 1, 7 * 86_400),
-            lease_seconds=r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
-            cors_origins=r.origins("PICSTREAM_CORS_ORIGINS"),
-            signed_cache_public=r.choice("PICSTREAM_SIGNED_CACHE", "private", _CACHE) == "public",
-            token_ttl=r.integer("PICSTREAM_TOKEN_TTL", 3600, 1, 7 * 86_400),
-            token_max_ttl=r.integer("PICSTREAM_TOKEN_MAX_TTL", 86_400, 1, 7 * 86_400),
-            token_uploads=r.integer("PICSTREAM_TOKEN_UPLOADS", 1, 1, 1_000_000),
-            token_max_uploads=r.integer("PICSTREAM_TOKEN_MAX_UPLOADS", 1000, 1, 1_000_000),
-            tus_expiry=r.seconds("PICSTREAM_TUS_EXPIRY", 12 * 3600.0, high=TUS_MAX_EXPIRY),
-            # conversion
-            queue=r.name("PICSTREAM_QUEUE", "convert"),
-            bulk_queue=r.name("PICSTREAM_BULK_QUEUE", "reconvert"),
-            job_timeout=r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
-            profiles=r.profiles("PICSTREAM_PROFILES"),
-            profiles_path=r.text("PICSTREAM_PROFILES", ""),
-            max_frames=r.integer("PICSTREAM_MAX_FRAMES", 100, 1, 10_000),
-            convert_threads=r.integer("PICSTREAM_CONVERT_THREADS", 2, 1, 64),
-            retry_intervals=r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
-            job_memory=r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
-            # webhooks
-            webhook_hosts=r.hosts("PICSTREAM_WEBHOOK_HOSTS"),
-            webhook_secret=r.secret("PICSTREAM_WEBHOOK_SECRET"),
-            owner_webhooks=r.owner_urls("PICSTREAM_WEBHOOKS"),
-            webhook_retry_intervals=r.intervals(
-                "PICSTREAM_WEBHOOK_RETRY_INTERVALS", (10, 30, 120, 600, 1800, 3600)
-            ),
-            webhook_queue=r.name("PICSTREAM_WEBHOOK_QUEUE", "webhooks"),
-            log_level=r.choice(
+        read = frozenset(concerns) | {Concern.STORAGE}  # every process has a store and a Redis
+        fields: dict[str, Any] = {
+            "log_level": r.choice(
                 "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
-        )
-        _check_budgets(settings)
-        _check_tokens(settings)
-        _check_webhooks(settings)
-        _check_queues(settings)
-        return settings
+            "concerns": read,
+        }
+        for concern in Concern:  # declaration order: the same first error every time
+            if concern in read:
+                fields.update(_READERS[concern](r))
+        return cls(**fields)
+
+
+def _storage(r: _Reader) -> dict[str, Any]:
+    return {
+        "s3_endpoint": r.url("S3_ENDPOINT", None, ("http", "https")),
+        "s3_access_key": r.text("S3_ACCESS_KEY", None),
+        "s3_secret_key": r.text("S3_SECRET_KEY", None),
+        "s3_bucket": r.bucket("S3_BUCKET", "picstream"),
+        "s3_region": r.text("S3_REGION", "us-east-1"),
+        "redis_url": r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
+        "redis_timeout": r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
+    }
+
+
+def _jobs(r: _Reader) -> dict[str, Any]:
+    queue = r.name("PICSTREAM_QUEUE", "convert")
+    bulk_queue = r.name("PICSTREAM_BULK_QUEUE", "reconvert")
+    webhook_queue = r.name("PICSTREAM_WEBHOOK_QUEUE", "webhooks")
+    _check_queues(queue, bulk_queue, webhook_queue)
+    return {
+        "queue": queue,
+        "bulk_queue": bulk_queue,
+        "webhook_queue": webhook_queue,
+        "job_timeout": r.integer("PICSTREAM_JOB_TIMEOUT", 600, 1, 86_400),
+        "retry_intervals": r.intervals("PICSTREAM_RETRY_INTERVALS", (5, 20, 60, 180)),
+    }
+
+
+def _profiles(r: _Reader) -> dict[str, Any]:
+    return {
+        "profiles": r.profiles("PICSTREAM_PROFILES"),
+        "profiles_path": r.text("PICSTREAM_PROFILES", ""),
+    }
+
+
+def _web(r: _Reader) -> dict[str, Any]:
+    part_size = r.size("PICSTREAM_PART_SIZE", 16 * MiB, S3_MIN_PART, S3_MAX_PART)
+    threads = r.integer("PICSTREAM_WEB_THREADS", 96, 1, 4096)
+    uploads = r.integer("PICSTREAM_MAX_UPLOADS", 16, 1, 4096)
+    streams = r.integer("PICSTREAM_MAX_EVENT_STREAMS", 40, 0, 4096)
+    # Derived when unset, so a deployment that sized threads for the other two budgets
+    # (deploy/env.example, the tests) still starts: half of the threads they leave.
+    half_left = max(1, (threads - uploads - streams) // 2)
+    downloads = r.integer("PICSTREAM_MAX_DOWNLOADS", half_left, 1, 4096)
+    _check_budgets(threads, uploads + streams + downloads)
+    fields = {
+        "s3_public_endpoint": r.url(
+            "S3_PUBLIC_ENDPOINT", r.env.get("S3_ENDPOINT") or None, ("http", "https")
+        ),
+        "part_size": part_size,
+        "port": r.integer("PORT", 8000, 1, 65535),
+        "host": r.text("PICSTREAM_HOST", "127.0.0.1"),
+        "bind": r.text("PICSTREAM_BIND", ""),
+        "accel_redirect": r.choice("PICSTREAM_ACCEL_REDIRECT", "0", ("0", "1")) == "1",
+        "api_keys": r.api_keys("PICSTREAM_API_KEYS"),
+        "max_upload_bytes": r.size(
+            "PICSTREAM_MAX_UPLOAD_BYTES", 1 * GiB, 1, part_size * S3_MAX_PARTS
+        ),
+        "max_pixels": r.integer("PICSTREAM_MAX_PIXELS", 100_000_000, 1, 2**40),
+        "max_head_bytes": r.size("PICSTREAM_MAX_HEAD_BYTES", 2 * MiB, 64 * 1024, part_size),
+        "allowed_formats": r.formats("PICSTREAM_ALLOWED_FORMATS"),
+        "read_timeout": r.seconds("PICSTREAM_READ_TIMEOUT", 30.0),
+        "web_workers": r.integer("PICSTREAM_WEB_WORKERS", 2, 1, 256),
+        "web_threads": threads,
+        "max_uploads": uploads,
+        "max_event_streams": streams,
+        "max_downloads": downloads,
+        "sse_heartbeat": r.seconds("PICSTREAM_SSE_HEARTBEAT", 15.0),
+        "send_timeout": r.seconds("PICSTREAM_SEND_TIMEOUT", 30.0),
+        "signing_key": r.secret("PICSTREAM_SIGNING_KEY"),
+        "presign_seconds": r.integer("PICSTREAM_PRESIGN_SECONDS", 300, 1, 7 * 86_400),
+        "lease_seconds": r.seconds("PICSTREAM_LEASE_SECONDS", 15.0),
+        "cors_origins": r.origins("PICSTREAM_CORS_ORIGINS"),
+        "signed_cache_public": r.choice("PICSTREAM_SIGNED_CACHE", "private", _CACHE) == "public",
+        "tus_expiry": r.seconds("PICSTREAM_TUS_EXPIRY", 12 * 3600.0, high=TUS_MAX_EXPIRY),
+    }
+    return fields | _tokens(r)
+
+
+def _tokens(r: _Reader) -> dict[str, Any]:
+    ttl = r.integer("PICSTREAM_TOKEN_TTL", 3600, 1, 7 * 86_400)
+    max_ttl = r.integer("PICSTREAM_TOKEN_MAX_TTL", 86_400, 1, 7 * 86_400)
+    uploads = r.integer("PICSTREAM_TOKEN_UPLOADS", 1, 1, 1_000_000)
+    max_uploads = r.integer("PICSTREAM_TOKEN_MAX_UPLOADS", 1000, 1, 1_000_000)
+    if ttl > max_ttl:
+        raise ConfigError("PICSTREAM_TOKEN_TTL must not exceed PICSTREAM_TOKEN_MAX_TTL")
+    if uploads > max_uploads:
+        raise ConfigError("PICSTREAM_TOKEN_UPLOADS must not exceed PICSTREAM_TOKEN_MAX_UPLOADS")
+    return {
+        "token_ttl": ttl,
+        "token_max_ttl": max_ttl,
+        "token_uploads": uploads,
+        "token_max_uploads": max_uploads,
+    }
+
+
+def _conversion(r: _Reader) -> dict[str, Any]:
+    return {
+        "max_pixels": r.integer("PICSTREAM_MAX_PIXELS", 100_000_000, 1, 2**40),
+        "max_frames": r.integer("PICSTREAM_MAX_FRAMES", 100, 1, 10_000),
+        "convert_threads": r.integer("PICSTREAM_CONVERT_THREADS", 2, 1, 64),
+        "job_memory": r.size("PICSTREAM_JOB_MEMORY", 1 * GiB, 0, 1024 * GiB),
+    }
+
+
+def _janitor(r: _Reader) -> dict[str, Any]:
+    return {"janitor_interval": r.seconds("PICSTREAM_JANITOR_INTERVAL", 300.0)}
+
+
+def _webhook_hosts(r: _Reader) -> dict[str, Any]:
+    return {"webhook_hosts": r.hosts("PICSTREAM_WEBHOOK_HOSTS")}
+
+
+def _webhooks(r: _Reader) -> dict[str, Any]:
+    hosts = r.hosts("PICSTREAM_WEBHOOK_HOSTS")
+    secret = r.secret("PICSTREAM_WEBHOOK_SECRET")
+    owner_urls = r.owner_urls("PICSTREAM_WEBHOOKS")
+    _check_webhooks(hosts, secret, owner_urls)
+    return {
+        "webhook_hosts": hosts,
+        "webhook_secret": secret,
+        "owner_webhooks": owner_urls,
+        "webhook_retry_intervals": r.intervals(
+            "PICSTREAM_WEBHOOK_RETRY_INTERVALS", (10, 30, 120, 600, 1800, 3600)
+        ),
+    }
+
+
+_READERS: dict[Concern, Callable[[_Reader], dict[str, Any]]] = {
+    Concern.STORAGE: _storage,
+    Concern.JOBS: _jobs,
+    Concern.PROFILES: _profiles,
+    Concern.WEB: _web,
+    Concern.CONVERSION: _conversion,
+    Concern.JANITOR: _janitor,
+    Concern.WEBHOOK_HOSTS: _webhook_hosts,
+    Concern.WEBHOOKS: _webhooks,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,8 +466,6 @@ class StorageSettings:
     secret_key: str = field(repr=False)
     bucket: str
     region: str
-    public_endpoint: str  # the store as clients see it, for presigned redirects
-    part_size: int  # multipart part size
     redis_url: str
     redis_timeout: float
     janitor_interval: float
@@ -334,6 +476,8 @@ class WebSettings:
     """The API process: where it listens, who may call it, what it accepts, and the
     thread budgets of its slow requests."""
 
+    public_endpoint: str  # the store as clients see it, for presigned redirects
+    part_size: int  # multipart part size of uploads
     port: int
     host: str
     bind: str
@@ -392,29 +536,23 @@ class WebhookSettings:
     queue: str
 
 
-def _check_budgets(settings: Settings) -> None:
-    budgets = settings.max_uploads + settings.max_event_streams + settings.max_downloads
-    if budgets >= settings.web_threads:
+def _check_budgets(threads: int, budgets: int) -> None:
+    if budgets >= threads:
         raise ConfigError(
             "PICSTREAM_MAX_UPLOADS + PICSTREAM_MAX_EVENT_STREAMS + PICSTREAM_MAX_DOWNLOADS"
             f" ({budgets}) must leave threads free for other requests: raise"
-            f" PICSTREAM_WEB_THREADS ({settings.web_threads}) above {budgets}"
+            f" PICSTREAM_WEB_THREADS ({threads}) above {budgets}"
         )
 
 
-def _check_tokens(settings: Settings) -> None:
-    if settings.token_ttl > settings.token_max_ttl:
-        raise ConfigError("PICSTREAM_TOKEN_TTL must not exceed PICSTREAM_TOKEN_MAX_TTL")
-    if settings.token_uploads > settings.token_max_uploads:
-        raise ConfigError("PICSTREAM_TOKEN_UPLOADS must not exceed PICSTREAM_TOKEN_MAX_UPLOADS")
-
-
-def _check_webhooks(settings: Settings) -> None:
-    if (settings.owner_webhooks or settings.webhook_hosts) and settings.webhook_secret is None:
+def _check_webhooks(
+    hosts: frozenset[str], secret: bytes | None, owner_urls: tuple[tuple[str, str], ...]
+) -> None:
+    if (owner_urls or hosts) and secret is None:
         raise ConfigError("webhooks need PICSTREAM_WEBHOOK_SECRET to sign deliveries")
-    for owner, url in settings.owner_webhooks:
+    for owner, url in owner_urls:
         try:
-            listed = host_allowed(url, settings.webhook_hosts)
+            listed = host_allowed(url, hosts)
         except InvalidWebhookUrl as exc:
             raise ConfigError(f"PICSTREAM_WEBHOOKS: the URL for {owner!r}: {exc.detail}") from None
         if not listed:
@@ -423,12 +561,12 @@ def _check_webhooks(settings: Settings) -> None:
             )
 
 
-def _check_queues(settings: Settings) -> None:
+def _check_queues(queue: str, bulk_queue: str, webhook_queue: str) -> None:
     """One queue per kind of job: workers drain them in order (fresh uploads, webhook
     deliveries, bulk reconversion), which a shared name would undo."""
-    if settings.queue == settings.bulk_queue:
+    if queue == bulk_queue:
         raise ConfigError("PICSTREAM_BULK_QUEUE must differ from PICSTREAM_QUEUE")
-    if settings.webhook_queue in (settings.queue, settings.bulk_queue):
+    if webhook_queue in (queue, bulk_queue):
         raise ConfigError(
             "PICSTREAM_WEBHOOK_QUEUE must differ from PICSTREAM_QUEUE and PICSTREAM_BULK_QUEUE"
         )

@@ -14,12 +14,10 @@ from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from minio.datatypes import Part
-
 from core.ingest import Ingested, PartBuffer
 from core.models import META_BLAKE3, META_FORMAT
 from core.sniff import Sniffed
-from core.storage import COPY_LIMIT, MultipartUpload, Store, Tracker
+from core.storage import COPY_LIMIT, MultipartUpload, Part, Store, Tracker
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import urllib3
 from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
-from minio.datatypes import Part
+from minio.datatypes import Part as Part  # a stored part, for core/sink.py and core/tus.py
 from minio.error import MinioException, S3Error
 
 from core.errors import NotFound, StorageUnavailable

@@ -54,7 +54,6 @@ from typing import Any
 
 import redis
 from blake3 import blake3
-from minio.datatypes import Part
 from redis import Redis
 
 from core.errors import (
@@ -75,7 +74,7 @@ from core.records import NS, PURGES_KEY, Purge, redis_errors
 from core.settings import S3_MAX_PARTS, S3_MIN_PART
 from core.sink import object_metadata
 from core.sniff import NeedMore, Sniffed, sniff
-from core.storage import COPY_LIMIT, MultipartUpload, Store
+from core.storage import COPY_LIMIT, MultipartUpload, Part, Store
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from core.settings import Settings
+from core.settings import WEB_PROCESS, ConfigError, Settings
 
-_settings = Settings.from_env(os.environ)
+# Every setting the web process uses is checked here, in the master, before any worker
+# starts: a bad one stops gunicorn with one line naming it (raised from a worker's app(), it
+# would be a traceback per worker). Settings only the conversion workers use are not read.
+try:
+    _settings = Settings.from_env(os.environ, WEB_PROCESS)
+except ConfigError as exc:
+    print(f"web: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 bind = [_settings.bind or f"{_settings.host}:{_settings.port}"]
 worker_class = "gthread"

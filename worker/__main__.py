@@ -69,7 +69,7 @@ from core import janitor
 from core.errors import PicstreamError
 from core.jobs import make_queue
 from core.records import NS, Records, connect
-from core.settings import ConfigError, Settings
+from core.settings import WORKER_PROCESS, ConfigError, Settings
 from core.storage import Store
 from worker.services import JobServices
 from worker.supervisor import Supervisor
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env(os.environ)
+        settings = Settings.from_env(os.environ, WORKER_PROCESS)
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

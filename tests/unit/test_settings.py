@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from admin.cli import CONCERNS as ADMIN_CONCERNS
 from core.errors import InvalidWebhookUrl, WebhookHostNotAllowed
-from core.settings import ConfigError, Settings
+from core.settings import (
+    WEB_PROCESS,
+    WORKER_PROCESS,
+    Concern,
+    ConcernNotRead,
+    ConfigError,
+    Settings,
+)
 from core.webhooks import check_url, host_allowed
 
 BASE = {"S3_ENDPOINT": "http://127.0.0.1:8333", "S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"}
@@ -167,3 +177,99 @@ def test_each_concern_reads_as_one_view() -> None:
     shown = repr(s) + repr(s.storage) + repr(s.web) + repr(s.webhooks)
     for secret in ("storage-secret-0123", "s" * 32, "k" * 32):
         assert secret not in shown
+
+
+# ------------------------------------------------------------------ each process its concerns
+PROCESSES = {
+    "web": WEB_PROCESS,
+    "worker": WORKER_PROCESS,
+    "admin janitor": ADMIN_CONCERNS["janitor"],
+    "admin rebuild": ADMIN_CONCERNS["rebuild"],
+}
+WEB, WORKER, ADMIN = {"web"}, {"worker"}, {"admin janitor", "admin rebuild"}
+
+
+@pytest.mark.parametrize(
+    ("variable", "bad", "refused_by"),
+    [
+        # Storage: every process.
+        ("S3_BUCKET", "Bad_Bucket", WEB | WORKER | ADMIN),
+        ("REDIS_URL", "localhost:6379", WEB | WORKER | ADMIN),
+        ("PICSTREAM_REDIS_TIMEOUT", "soon", WEB | WORKER | ADMIN),
+        ("PICSTREAM_LOG_LEVEL", "chatty", WEB | WORKER | ADMIN),
+        # The queues: whoever queues or runs jobs (admin rebuild and migrate queue them).
+        ("PICSTREAM_QUEUE", "no spaces", WEB | WORKER | {"admin rebuild"}),
+        ("PICSTREAM_WEBHOOK_QUEUE", "convert", WEB | WORKER | {"admin rebuild"}),
+        ("PICSTREAM_RETRY_INTERVALS", "5,x", WEB | WORKER | {"admin rebuild"}),
+        ("PICSTREAM_JOB_TIMEOUT", "0", WEB | WORKER | {"admin rebuild"}),
+        # The web alone.
+        ("PICSTREAM_WEB_THREADS", "abc", WEB),
+        ("PICSTREAM_CORS_ORIGINS", "https://app.example.com/", WEB),
+        ("PICSTREAM_MAX_UPLOADS", "95", WEB),  # the budgets leave no thread free
+        ("PICSTREAM_PART_SIZE", "1MiB", WEB),
+        ("S3_PUBLIC_ENDPOINT", "ftp://cdn", WEB),
+        ("PICSTREAM_API_KEYS", "alice:short", WEB),
+        ("PICSTREAM_TOKEN_TTL", "999999", WEB),
+        ("PORT", "eighty", WEB),
+        # Both decode limits: the web checks headers, the worker decodes.
+        ("PICSTREAM_MAX_PIXELS", "many", WEB | WORKER),
+        # The worker alone.
+        ("PICSTREAM_MAX_FRAMES", "lots", WORKER),
+        ("PICSTREAM_CONVERT_THREADS", "0", WORKER),
+        ("PICSTREAM_JOB_MEMORY", "1 furlong", WORKER),
+        ("PICSTREAM_JANITOR_INTERVAL", "-5", WORKER),
+        ("PICSTREAM_WEBHOOK_SECRET", "short", WORKER),
+        ("PICSTREAM_WEBHOOKS", "alice", WORKER),
+        ("PICSTREAM_WEBHOOK_RETRY_INTERVALS", "never", WORKER),
+        # The allow-list: the web checks callback URLs against it, the worker deliveries.
+        ("PICSTREAM_WEBHOOK_HOSTS", "not a host", WEB | WORKER),
+    ],
+)
+def test_each_process_checks_the_settings_it_uses(
+    variable: str, bad: str, refused_by: set[str]
+) -> None:
+    env = {**BASE, variable: bad}
+    for process, concerns in PROCESSES.items():
+        if process in refused_by:
+            with pytest.raises(ConfigError, match=variable):
+                Settings.from_env(env, concerns)
+        else:
+            Settings.from_env(env, concerns)  # starts: it never uses the variable
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)  # every concern: the dev launcher, tests
+
+
+def test_the_profiles_file_is_read_by_the_processes_that_use_profiles(tmp_path: Path) -> None:
+    env = {**BASE, "PICSTREAM_PROFILES": str(tmp_path / "missing.toml")}
+    for concerns in (WEB_PROCESS, WORKER_PROCESS):
+        with pytest.raises(ConfigError, match="PICSTREAM_PROFILES: cannot read"):
+            Settings.from_env(env, concerns)
+    for concerns in ADMIN_CONCERNS.values():
+        assert Settings.from_env(env, concerns).profiles_path == ""  # never opened
+
+
+def test_the_web_reads_the_webhook_allow_list_but_not_the_delivery_settings() -> None:
+    # The signing key is the worker's: the web never delivers.
+    env = {**BASE, "PICSTREAM_WEBHOOK_HOSTS": "hooks.example"}
+    assert Settings.from_env(env, WEB_PROCESS).webhook_hosts == frozenset({"hooks.example"})
+    with pytest.raises(ConfigError, match="PICSTREAM_WEBHOOK_SECRET"):
+        Settings.from_env(env, WORKER_PROCESS)
+
+
+def test_a_view_of_settings_the_process_did_not_read_is_refused() -> None:
+    web = Settings.from_env(BASE, WEB_PROCESS)
+    worker = Settings.from_env(BASE, WORKER_PROCESS)
+    assert web.web.threads == 96 and worker.conversion.threads == 2
+    assert worker.webhooks.queue == "webhooks" and worker.storage.janitor_interval == 300
+    for view in ("conversion", "webhooks", "storage"):
+        with pytest.raises(ConcernNotRead, match=f"settings.{view} draws on"):
+            getattr(web, view)
+    with pytest.raises(ConcernNotRead, match="the web settings"):
+        _ = worker.web
+
+
+def test_storage_is_read_by_every_process() -> None:
+    for concerns in (*PROCESSES.values(), ()):
+        with pytest.raises(ConfigError, match="S3_ENDPOINT is required"):
+            Settings.from_env({"S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"}, concerns)
+    assert Settings.from_env(BASE, ()).concerns == frozenset({Concern.STORAGE})
