@@ -23,6 +23,7 @@ from core.errors import ImageExists, PicstreamError, TooLarge
 from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
 from core.leases import Leases, UploadLease
+from core.mirror import record_metadata
 from core.models import (
     META_GEN,
     META_ID,
@@ -157,9 +158,30 @@ class Uploads:
     ) -> ImageRecord:
         owner, image_id = lease.owner, lease.image_id
         keys = ObjectKeys(owner, image_id, new_generation())
+        vset = new_generation()
         lease.guard(keys.prefix)  # purged unless committed, even if this process dies
         meta = {META_OWNER: owner, META_ID: image_id, META_GEN: keys.gen}
-        sink = ObjectSink(self.store, keys.original, self.part_uploads, meta, tracker=lease)
+        made: list[ImageRecord] = []
+
+        def new_record(ingested: Ingested) -> ImageRecord:
+            # A multipart body's fields may follow the file: they are known only now.
+            annotations = body.annotations(given)
+            record = _new_record(owner, image_id, ingested, body.filename, profile, annotations)
+            return replace(record, callback=callback, gen=keys.gen, vset=vset)
+
+        def describe(ingested: Ingested) -> dict[str, str]:
+            # The record rides on the original when it may (core/mirror.py): the bucket copy
+            # then costs no second PUT. A refused field is raised below, after the ingest,
+            # exactly as for a record that goes to record.json.
+            try:
+                made.append(new_record(ingested))
+            except PicstreamError:
+                return {}
+            return record_metadata(made[0])
+
+        sink = ObjectSink(
+            self.store, keys.original, self.part_uploads, meta, tracker=lease, describe=describe
+        )
         try:
             ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
         except BaseException:
@@ -167,15 +189,8 @@ class Uploads:
                 lease.unguard()
             raise
         try:
-            # A multipart body's fields may follow the file: they are known only now.
-            annotations = body.annotations(given)
-            record = replace(
-                _new_record(owner, image_id, ingested, body.filename, profile, annotations),
-                callback=callback,
-                gen=keys.gen,
-                vset=new_generation(),
-            )
-            self._commit(record, keys, lease)
+            record = made[0] if made else new_record(ingested)
+            self._commit(record, keys, lease, copied=sink.described)
         except BaseException:
             self._discard(keys, sink, lease)
             raise
@@ -221,10 +236,14 @@ class Uploads:
         keys: ObjectKeys,
         lease: UploadLease,
         also: Callable[[Pipeline], object] | None = None,
+        *,
+        copied: bool = False,
     ) -> None:
-        """The record's copy in the bucket, then the record and its conversion job (and
-        `also`) in one transaction fenced by the lease (core/records.py `commit`)."""
-        self.store.put_json(keys.record, record.to_dict())
+        """The record's copy in the bucket (unless the original carries it: `copied`), then
+        the record and its conversion job (and `also`) in one transaction fenced by the
+        lease (core/records.py `commit`)."""
+        if not copied:
+            self.store.put_json(keys.record, record.to_dict())
         queue, intervals = self.queue, self.retry_intervals
 
         def in_transaction(pipe: Pipeline) -> None:

@@ -1,6 +1,7 @@
 """Recreating the Redis records from the bucket copies (`picstream-admin rebuild`).
 
-Redis holds the live records; every incarnation also has `record.json` in its prefix. When
+Redis holds the live records; every incarnation also has a copy of its record in the bucket
+(`record.json` in its prefix, or carried by its original: core/mirror.py). When
 Redis lost its data (restarted without persistence, a wiped or replaced instance), clients
 see no images although every object is still in the bucket. `rebuild` walks the bucket and,
 for each image id, takes its newest incarnation that still has its original:
@@ -19,16 +20,16 @@ for each image id, takes its newest incarnation that still has its original:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from functools import partial
 
-from core.errors import PicstreamError
+from core.errors import NotFound, PicstreamError
 from core.jobs import enqueue_convert, make_queue
 from core.migrate import migrate_image
+from core.mirror import read_copy
 from core.models import IMAGE_ID_RE, ImageRecord, ObjectKeys, Variant, new_generation
 from core.records import Purge, Records
 from core.settings import OWNER_RE, Settings
@@ -52,16 +53,17 @@ class Rebuilt:
 
 
 def _copies(store: Store) -> dict[tuple[str, str], list[str]]:
-    """(owner, id) -> generations that have a record copy ("" = legacy layout)."""
-    found: dict[tuple[str, str], list[str]] = defaultdict(list)
+    """(owner, id) -> generations that may have a record copy ("" = legacy layout): those
+    with a `record.json` or an original (which may carry the record: core/mirror.py)."""
+    found: dict[tuple[str, str], set[str]] = defaultdict(set)
     for key in store.keys(""):
         parts = key.split("/")
-        if parts[-1] != "record.json" or len(parts) not in (3, 4):
+        if parts[-1] not in ("record.json", "original") or len(parts) not in (3, 4):
             continue
         owner, image_id = parts[0], parts[1]
         if OWNER_RE.fullmatch(owner) and IMAGE_ID_RE.fullmatch(image_id):
-            found[(owner, image_id)].append(parts[2] if len(parts) == 4 else "")
-    return found
+            found[(owner, image_id)].add(parts[2] if len(parts) == 4 else "")
+    return {image: list(gens) for image, gens in found.items()}
 
 
 def rebuild(store: Store, records: Records, settings: Settings) -> Rebuilt:
@@ -93,7 +95,10 @@ def _rebuild_one(
         return "present"
     for gen in gens:
         keys = ObjectKeys(owner, image_id, gen)
-        record = ImageRecord.from_dict(json.loads(store.read_bytes(keys.record)))
+        try:
+            record = read_copy(store, keys)
+        except NotFound:
+            continue  # an original without a record (a resumable upload's, not committed)
         if (record.owner, record.id, record.gen) != (owner, image_id, gen):
             raise ValueError(f"{keys.record} describes another image")
         # Asked before the store: a purge that is gone by now has deleted the original.

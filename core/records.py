@@ -142,6 +142,7 @@ class Records:
                 if lease.guarded:  # the objects are the record's now
                     pipe.zrem(PURGES_KEY, lease.guarded)
                 pipe.execute()
+                lease.committed()
                 return
         except WatchError as exc:
             # redis-py also raises WatchError when the connection fails while watching;
@@ -153,6 +154,7 @@ class Records:
             log.warning("commit of %s/%s: %s; finding out", record.owner, record.id, exc)
         if not self._committed(record, started + fence + 0.5, started + 2 * fence + 5):
             raise QueueUnavailable("record write failed: Redis did not answer in time")
+        lease.committed()
 
     def _committed(self, record: ImageRecord, decidable: float, give_up: float) -> bool:
         """After an ambiguous EXEC: True once the record with this incarnation is seen,

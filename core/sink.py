@@ -10,7 +10,7 @@ part that lands after the abort), then aborts the multipart upload.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -34,7 +34,16 @@ def object_metadata(
     return meta
 
 
+# What an upload adds to its object's metadata once the whole body is known.
+Describe = Callable[[Ingested], Mapping[str, str]]
+
+
 class ObjectSink:
+    """`describe`, when given, is asked for more metadata once the body has been read; what
+    it returns is stored with the object when the object can still take it (always for a
+    single PUT and for a multipart upload whose metadata is attached by a copy), and
+    `described` then says so."""
+
     def __init__(
         self,
         store: Store,
@@ -42,12 +51,15 @@ class ObjectSink:
         executor: Executor,
         metadata: Mapping[str, str],
         tracker: Tracker | None = None,
+        describe: Describe | None = None,
     ) -> None:
         self.tracker = tracker
         self.store = store
         self.key = key
         self.executor = executor
         self.metadata = dict(metadata)
+        self.describe = describe
+        self.described = False  # the object carries what `describe` returned
         self.upload: MultipartUpload | None = None
         self.parts: list[Part] = []
         self.inflight: tuple[Future[Part], PartBuffer] | None = None
@@ -69,11 +81,13 @@ class ObjectSink:
 
     def finish(self, last: PartBuffer, result: Ingested) -> None:
         sniffed = result.sniffed
-        meta = object_metadata(sniffed.format, result.blake3, self.metadata)
+        extra = self.describe(result) if self.describe is not None else {}
+        meta = object_metadata(sniffed.format, result.blake3, {**self.metadata, **extra})
         self.began = True
         if self.upload is None:
             self.store.put(self.key, last.view(), sniffed.content_type, meta)
             self.stored = True
+            self.described = bool(extra)
             return
         self._settle()
         self.parts.append(self.upload.upload_part(len(self.parts) + 1, last.view()))
@@ -83,6 +97,7 @@ class ObjectSink:
         # Multipart metadata is fixed at creation, before the hash is known: attach it now.
         if result.size <= COPY_LIMIT:
             self.store.replace_metadata(self.key, sniffed.content_type, meta)
+            self.described = bool(extra)
 
     def abort(self) -> None:
         if self.inflight is not None:

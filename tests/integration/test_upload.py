@@ -5,18 +5,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 
 import pytest
+import urllib3
 from blake3 import blake3
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from core.mirror import read_copy
 from core.settings import Settings
 from core.storage import Store
 from tests.http import Api, multipart
 from tests.images import Body, jpeg, png
 from tests.keys import keys_of
+from tests.servers import Server
 
 MiB = 1024 * 1024
 PART = 5 * MiB
@@ -63,13 +67,53 @@ def test_raw_upload_is_stored_recorded_and_queued(
     info = store.stat(key)
     assert info.content_type == "image/jpeg"
     assert info.metadata["picstream-blake3"] == record["blake3"]
-    assert json.loads(store.read_bytes(keys_of(record).record)) == {
+    # The bucket copy of the record (what `picstream-admin rebuild` restores from) exists
+    # as soon as the upload is answered; this one travels on the original itself.
+    assert read_copy(store, keys_of(record)).to_dict() == {
         k: v for k, v in record.items() if k not in ("url", "original_url")
     }
+    assert not store.exists(keys_of(record).record)
     assert queued_jobs(redis_client, settings) == [
         {"owner": "alice", "image_id": record["id"], "gen": record["gen"], "vset": record["vset"]}
     ]
     assert api.request("GET", f"/v1/images/{record['id']}").json == record
+
+
+@pytest.mark.parametrize(
+    ("query", "carried"),
+    [
+        ("?alt=a%20cat", True),
+        ("?metadata=%7B%22album%22%3A%22private%22%7D", False),
+        ("?callback=http%3A%2F%2F127.0.0.1%3A9%2Fhook", False),
+    ],
+)
+def test_the_record_travels_on_the_original_only_without_private_fields(
+    api: Api,
+    store: Store,
+    env: dict[str, str],
+    start_api: Callable[[dict[str, str]], tuple[Server, Api]],
+    query: str,
+    carried: bool,
+) -> None:
+    """Whoever may fetch an original (a presigned `?redirect=1` link goes straight to the
+    store) sees its object metadata: a record with metadata or a webhook URL never travels
+    there; its bucket copy is record.json, written before the answer."""
+    if "callback" in query:
+        _, api = start_api({**env, "PICSTREAM_WEBHOOK_HOSTS": "127.0.0.1:9"})
+    resp = api.upload(jpeg(64, 48), query=query)
+    assert resp.status == 201, resp.body
+    keys = keys_of(resp.json)
+    assert read_copy(store, keys).to_dict() == {
+        k: v for k, v in resp.json.items() if k not in ("url", "original_url")
+    }
+    assert store.exists(keys.record) is not carried
+    redirect = api.request("GET", f"/v1/images/{resp.json['id']}/original?redirect=1")
+    with urllib3.PoolManager() as pool:
+        direct = pool.request("GET", redirect.header("Location") or "")
+    assert direct.status == 200
+    seen = {k.lower(): v for k, v in direct.headers.items()}
+    assert ("x-amz-meta-picstream-record" in seen) is carried
+    assert "private" not in str(seen) and "hook" not in str(seen)
 
 
 def test_multipart_upload_takes_the_filename_from_the_file_field(api: Api, store: Store) -> None:

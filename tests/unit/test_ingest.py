@@ -54,18 +54,21 @@ class RecordingSink:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.last: bytes | None = None
+        self.allocated: list[int] = []  # bytes allocated by each buffer handed over
         self.aborted = False
         self.held: PartBuffer | None = None
         self.buffers: set[int] = set()
 
     def write_part(self, part: PartBuffer, sniffed: Sniffed) -> PartBuffer | None:
         self.parts.append(bytes(part.view()))
+        self.allocated.append(len(part.data))
         self.buffers.add(id(part))
         free, self.held = self.held, part
         return free
 
     def finish(self, last: PartBuffer, result: Ingested) -> None:
         self.last = bytes(last.view())
+        self.allocated.append(len(last.data))
 
     def abort(self) -> None:
         self.aborted = True
@@ -92,6 +95,18 @@ def test_parts_reassemble_to_the_body(size: int) -> None:
     assert (len(sink.parts) == 0) == (size <= 5 * MiB)
     # Two buffers at most, whatever the length.
     assert len(sink.buffers) <= 2
+
+
+@pytest.mark.parametrize("size", [1000, 1_000_003, 5 * MiB, 5 * MiB + 1, 11 * MiB + 7])
+def test_a_declared_body_is_read_into_buffers_of_its_own_length(size: int) -> None:
+    """A Content-Length body costs its own size in memory: its buffer is never grown (a
+    grown buffer is a copy of everything read so far, and held twice for a moment)."""
+    data = Body(size).read_all()
+    result, sink = run(data, piece=65_536, declared_size=size)
+    assert (result.size, result.blake3) == (size, blake3(data).hexdigest())
+    assert b"".join(sink.parts) + (sink.last or b"") == data
+    assert sink.allocated[0] == min(size, 5 * MiB)
+    assert all(n == 5 * MiB for n in sink.allocated[1:])
 
 
 def test_head_in_one_byte_pieces_gives_the_same_answer() -> None:
