@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import replace
 
 from redis.client import Pipeline
@@ -182,19 +183,35 @@ class Uploads:
         sink = ObjectSink(
             self.store, keys.original, self.part_uploads, meta, tracker=lease, describe=describe
         )
-        try:
+        with self._undone_on_failure(keys, sink, lease) as ingesting:
             ingested = Ingest(body.source, self.limits, sink, body.declared_size, digests).run()
-        except BaseException:
-            if not sink.began:  # rejected before any S3 call: nothing to purge
-                lease.unguard()
-            raise
-        try:
+            ingesting.done = True
             record = made[0] if made else new_record(ingested)
             self._commit(record, keys, lease, copied=sink.described)
-        except BaseException:
-            self._discard(keys, sink, lease)
-            raise
         return record
+
+    @contextmanager
+    def _undone_on_failure(
+        self, keys: ObjectKeys, sink: ObjectSink, lease: UploadLease
+    ) -> Iterator[_Progress]:
+        """The one place a plain upload that fails is undone, whatever failed (BaseException
+        too: a gunicorn timeout, Ctrl-C):
+        - refused before any S3 call: the guard is lifted, nothing else exists;
+        - failed while receiving: the ingest has aborted the sink (its part in flight, its
+          multipart upload, an object already stored); the guard stays, so the janitor
+          purges the prefix should an abort have failed;
+        - failed after the body was in (a refused form field, the record copy, the commit):
+          everything under the incarnation's prefix is deleted and the guard lifted
+          (`_discard`)."""
+        progress = _Progress()
+        try:
+            yield progress
+        except BaseException:
+            if progress.done:
+                self._discard(keys, sink, lease)
+            elif not sink.began:
+                lease.unguard()
+            raise
 
     def adopt(
         self,
@@ -298,6 +315,12 @@ class Uploads:
         length = body.request_length
         if body.declared_size is None and length and length > self.limits.max_bytes + _SLACK:
             raise TooLarge(f"the body is larger than the limit of {self.limits.max_bytes} bytes")
+
+
+class _Progress:
+    """How far an upload got before it failed (`Uploads._undone_on_failure`)."""
+
+    done = False  # the whole body is in the store
 
 
 def _new_record(
