@@ -46,6 +46,7 @@ TABLE: dict[type[domain.PicstreamError], tuple[int, str, str]] = {
     domain.UploadInProgress: (409, "conflict", "Conflict"),
     domain.OffsetMismatch: (409, "offset-mismatch", "Upload-Offset does not match"),
     domain.UploadExpired: (410, "upload-expired", "Upload expired"),
+    domain.UploadExhausted: (410, "upload-exhausted", "Upload cannot be completed"),
     domain.TusVersionUnsupported: (412, "tus-version", "Unsupported tus version"),
     domain.WrongContentType: (415, "unsupported-media-type", "Unsupported media type"),
     domain.UploadLocked: (423, "upload-locked", "Upload locked"),

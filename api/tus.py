@@ -49,6 +49,7 @@ from core.errors import (
     TooManyPixels,
     TusVersionUnsupported,
     UnsupportedFormat,
+    UploadExhausted,
     UploadExpired,
     UploadInProgress,
     UploadLocked,
@@ -91,7 +92,14 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DIGITS = re.compile(r"\d{1,19}")
 _UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{22}")
 # What the head decides: an upload refused for these can never succeed, so it is ended.
-_HOPELESS = (NotAnImage, UnsupportedFormat, CorruptImage, TooManyPixels, EmptyBody)
+_HOPELESS = (
+    NotAnImage,
+    UnsupportedFormat,
+    CorruptImage,
+    TooManyPixels,
+    EmptyBody,
+    UploadExhausted,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,11 @@ class UploadExpired(PicstreamError):
     """A resumable upload that passed its Upload-Expires (or was terminated)."""
 
 
+class UploadExhausted(PicstreamError):
+    """A resumable upload that used up S3's 10,000 part numbers (too many of its PATCHes
+    were cut or refused): it can never be completed, so it is ended."""
+
+
 class ChecksumMismatch(PicstreamError):
     """A tus PATCH whose Upload-Checksum does not match its body; nothing of it was kept."""
 

@@ -63,6 +63,7 @@ from core.errors import (
     NotFound,
     PicstreamError,
     TooLarge,
+    UploadExhausted,
     UploadExpired,
     UploadInProgress,
     UploadLocked,
@@ -260,6 +261,13 @@ class TusStates:
             number = int(self.redis.eval(_NEXT_PART, 1, state_key(state.uid)))
         if number < 0:
             raise UploadExpired("this upload is gone (it expired or was terminated)")
+        if number > S3_MAX_PARTS:
+            # Numbers are never reused (a stalled PATCH may still be writing its part), so
+            # an upload whose PATCHes were cut or refused often enough runs out of them.
+            raise UploadExhausted(
+                f"this upload used up the store's {S3_MAX_PARTS} part numbers (too many of its"
+                " PATCHes were cut or refused); start a new upload"
+            )
         return number
 
     def parts_used(self, state: TusState) -> int:

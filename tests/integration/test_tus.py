@@ -34,6 +34,7 @@ from core.ingest import PartBuffer
 from core.leases import MULTIPART_KEY
 from core.mirror import read_copy
 from core.records import PURGES_KEY, Records, lease_key
+from core.settings import S3_MAX_PARTS
 from core.storage import MultipartUpload, Store
 from core.tus import POOL, PatchWriter, TusStates
 from tests import servers
@@ -296,6 +297,28 @@ def test_a_non_image_is_refused_by_the_patch_carrying_its_head(
     location = create(api, 20 * MiB).header("Location") or ""
     refused = patch(api, location, 0, b"%PDF-1.7\n" + b"\x00" * 4000)
     assert refused.status == 415, refused.body
+    assert head(api, location).status == 404  # the upload is ended
+    nothing_is_left(store, redis_client)
+
+
+def test_an_upload_that_used_up_the_part_numbers_is_ended_with_a_clear_answer(
+    api: Api, store: Store, redis_client: Redis, services: Collaborators
+) -> None:
+    """Part numbers are never reused (a stalled PATCH may still be writing its part), so
+    thousands of cut or refused PATCHes can use up S3's 10,000: the next part is then a
+    410 that says so, never a store error, and the upload is ended with nothing left."""
+    body = image(2 * PART + 10)
+    location = create(api, len(body)).header("Location") or ""
+    assert patch(api, location, 0, body[:PART]).status == 204  # part 1: a multipart upload
+    states = TusStates(services.records.redis, services.leases)
+    state = states.load(location.rsplit("/", 1)[1])
+    assert state is not None
+    while states.next_part(state) < S3_MAX_PARTS:  # as abandoned PATCHes would have
+        pass
+    refused = patch(api, location, PART, body[PART : 2 * PART])
+    assert refused.status == 410, refused.body
+    assert refused.json["type"] == "urn:picstream:problem:upload-exhausted"
+    assert "start a new upload" in refused.json["detail"]
     assert head(api, location).status == 404  # the upload is ended
     nothing_is_left(store, redis_client)
 
