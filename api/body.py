@@ -4,8 +4,8 @@ Reads `req.stream` (never `bounded_stream`: it reads chunked bodies as empty), a
 body or multipart/form-data with one file, with Content-Length or chunked, and turns every
 failure of the client's connection into a domain error.
 
-A raw body with Content-Length under gunicorn is read straight from the socket into the part
-buffers (api/gunicorn.py `socket_body`, the one adapter to gunicorn's internals).
+A raw body, with Content-Length or chunked, under gunicorn is read straight from the socket
+into the part buffers (api/gunicorn.py `socket_body`, the one adapter to gunicorn's internals).
 
 Nothing here reads a byte of the body before the ingest loop asks for it — a multipart file
 part's headers included — so every check on the request's headers (declared size, callback,
@@ -92,7 +92,7 @@ def upload_body(req: falcon.Request, read_timeout: float) -> UploadBody:
         part = FilePartSource(_guarded(req.stream.read), boundary)
         return UploadBody(part, None, length, _query_filename(req))
     name = _query_filename(req) or _disposition_filename(req.get_header("Content-Disposition"))
-    source: Source | None = socket_body(req.env, length) if length is not None else None
+    source: Source | None = socket_body(req.env, length)  # Content-Length or chunked
     if source is None:
         source = ReadSource(_bounded(_guarded(req.stream.read), length))
     return UploadBody(source, length, length, name)
