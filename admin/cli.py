@@ -15,12 +15,12 @@ dependency failed, 2 on bad settings. `--env-file FILE` adds KEY=VALUE settings 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from core import janitor
 from core.errors import PicstreamError
+from core.logs import configure as configure_logs
 from core.migrate import migrate_all
 from core.rebuild import rebuild
 from core.records import Records, connect
@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("janitor", help="one janitor sweep now")
     commands.add_parser("migrate", help="move pre-incarnation images to the current layout")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         env = {**os.environ, **(read_env_file(args.env_file) if args.env_file else {})}
         settings = Settings.from_env(env, CONCERNS[args.command])
     except (ConfigError, OSError) as exc:
         print(f"picstream-admin: {exc}", file=sys.stderr)
         return 2
+    configure_logs("info", settings.log_format)  # PICSTREAM_LOG_FORMAT, scrubbed
     store = Store.from_settings(settings)
     records = Records(connect(settings))
     try:

@@ -25,9 +25,11 @@ from api.images import Image, Images, UploadRequests
 from api.limits import Slots
 from api.listing import Listing
 from api.metadata import MetadataEdits
+from api.metrics import RequestMetrics
 from api.openapi import OpenAPIDocument
 from api.presign import Presigner
 from api.reconvert import Reconversion, Reconvert
+from api.requestid import RequestIds
 from api.signed_links import SignedLinks
 from api.tokens import MintedToken, MintedTokens, TokenRules
 from api.tus import Resumable, TusCreation, TusUpload
@@ -68,8 +70,18 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
         raise ValueError("PICSTREAM_API_KEYS is empty: no client could authenticate")
     auth = AuthMiddleware(KeyRing(keys), c.settings.signing_key, c.tokens)
     cors = Cors(c.settings.cors_origins)  # first: a preflight never reaches authentication
+    routes = _routes(c)
+    # Right after RequestIds: it times and counts every request, refused ones too.
+    measured = RequestMetrics(path for path, _ in routes)
     app: falcon.App[falcon.Request, falcon.Response] = falcon.App(
-        middleware=[cors, auth, SignedCaching(c.settings.signed_cache_public)]
+        # RequestIds first of all: every answer, a refused preflight too, carries the id.
+        middleware=[
+            RequestIds(),
+            measured,
+            cors,
+            auth,
+            SignedCaching(c.settings.signed_cache_public),
+        ]
     )
     # Uploads are streamed by hand; falcon must never try to buffer or parse the body.
     app.req_options.auto_parse_form_urlencoded = False
@@ -77,7 +89,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_error_handler(Exception, errors.handle_unexpected)
     app.add_error_handler(PicstreamError, errors.handle_domain)
     app.set_error_serializer(errors.serialize_http_error)
-    for path, resource in _routes(c):
+    for path, resource in routes:
         app.add_route(path, resource)
     return app
 

@@ -57,8 +57,8 @@ ALLOW_HEADERS = ", ".join(
     )
 )
 # What a page may read beyond the CORS-safelisted response headers: where a new image or
-# upload is, validators and ranges, why to wait, and the tus headers (without which tus-js
-# and Uppy cannot resume).
+# upload is, validators and ranges, why to wait, the request id to quote in a bug report
+# (api/requestid.py), and the tus headers (without which tus-js and Uppy cannot resume).
 EXPOSE_HEADERS = ", ".join(
     (
         "Location",
@@ -70,6 +70,7 @@ EXPOSE_HEADERS = ", ".join(
         "Accept-Ranges",
         "Retry-After",
         "Picstream-Image",
+        "X-Request-Id",
         "Tus-Resumable",
         "Tus-Version",
         "Tus-Extension",

@@ -1,7 +1,9 @@
 """RFC 9457 problem details: one table from domain errors to HTTP, one serializer.
 
 Nothing internal leaks: unexpected exceptions become a bare 500 problem and are logged with
-their traceback server-side only.
+their traceback server-side only. Every problem names the request it answers (api/requestid.py)
+as its RFC 9457 `instance` (`urn:picstream:request:<id>`) and as a `request_id` member, the
+value a client quotes to an operator, who finds it in every log line of the request.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import falcon
 
 from api.gunicorn import body_unread, force_close
 from core import errors as domain
+from core.logs import current_request_id
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:picstream:problem:"
+INSTANCE_PREFIX = "urn:picstream:request:"
 
 # Domain exception -> (status, problem type slug, title): the only place that maps them to
 # HTTP. The slug makes the problem `type` clients match on; never change one. Each class has
@@ -73,6 +77,9 @@ def problem(status: int, slug: str, title: str, detail: str | None = None) -> di
 
 
 def respond_problem(resp: falcon.Response, body: dict[str, Any]) -> None:
+    request_id = current_request_id()
+    if request_id is not None:
+        body = {**body, "instance": INSTANCE_PREFIX + request_id, "request_id": request_id}
     resp.status = falcon.code_to_http_status(body["status"])
     resp.content_type = PROBLEM_JSON
     resp.text = json.dumps(body)

@@ -26,6 +26,12 @@ What a client gets from `GET /v1/images/{id}/events`:
   real entry), so the reconnect that follows gets 204. On an unfinished image, an id past
   the end of its stream (one it cannot have produced) is treated like no id: the current
   status again.
+- Redis unreachable (an outage, the seconds of a Sentinel failover): a new stream gets `503
+  queue-unavailable`; a reconnect (with `Last-Event-ID`) gets `200` with only `retry:` and
+  the end of the stream, since any answer but 200 or 204 makes EventSource give up for
+  good: the browser tries again 2 s later with the same id until Redis is back. A stream
+  that is open rides the outage out: the hub reads again once Redis (the promoted master)
+  answers, from each watcher's last id, and keep-alives go on meanwhile.
 - A `Last-Event-ID` that is not a stream id (`ms` or `ms-seq`, each in 64-bit range, under
   40 characters in all) is a 400 problem.
 
@@ -56,6 +62,7 @@ from api.signed_links import SignedLinks
 from api.views import record_json
 from core.errors import BadRequest, NotFound, QueueUnavailable
 from core.events import FINAL, STATUS, Event, events_key, status_event
+from core.metrics import SSE_WATCHERS
 from core.models import ImageRecord, validate_image_id
 from core.records import Records
 
@@ -251,6 +258,7 @@ class EventStream:
 
     def _follow(self, cursor: str, first: bytes) -> Iterator[bytes]:
         watcher = self.hub.watch(self.key, cursor)
+        SSE_WATCHERS.inc()
         try:
             yield _RETRY + first
             while True:
@@ -265,6 +273,7 @@ class EventStream:
                     return
         finally:
             self.hub.unwatch(watcher)
+            SSE_WATCHERS.dec()
 
     def _head(self) -> str | None:
         last = self.hub.redis.xrevrange(self.key, count=1)
@@ -313,6 +322,11 @@ class Events:
             if resume is None:
                 raise
             body = None  # a reconnect after `deleted`: nothing more will come
+        except QueueUnavailable as exc:
+            if resume is None:
+                raise
+            log.warning("event stream reconnect during a Redis outage: %s", exc.detail)
+            body = _RETRY  # ends at once: EventSource reconnects with the same id
         resp.set_header("Cache-Control", "no-store")
         if body is None:
             resp.status = falcon.HTTP_204  # what stops a browser's EventSource

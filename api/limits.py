@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from core.errors import Busy
+from core.metrics import SlotMetrics
 
 
 class Slots:
@@ -24,13 +25,17 @@ class Slots:
         self.what = what
         self.retry_after = retry_after
         self._free = threading.BoundedSemaphore(limit)
+        self.metrics = SlotMetrics(what, limit)
 
     def admit(self) -> None:
         if not self._free.acquire(blocking=False):
+            self.metrics.rejections.inc()
             raise Busy(f"too many {self.what} in progress; retry shortly", self.retry_after)
+        self.metrics.in_use.inc()
 
     def release(self) -> None:
         self._free.release()
+        self.metrics.in_use.dec()
 
     @contextmanager
     def hold(self) -> Iterator[None]:

@@ -6,7 +6,6 @@ its connection pool and the Redis client are never shared across a fork.
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from wsgiref.types import WSGIApplication
@@ -18,7 +17,8 @@ from api.limits import Slots
 from api.presign import Presigner
 from core.jobs import make_queue
 from core.leases import Leases
-from core.records import Records, connect
+from core.logs import configure as configure_logs
+from core.records import Durability, Records, connect
 from core.settings import WEB_PROCESS, Settings
 from core.storage import Store
 from core.tokens import UploadTokens
@@ -31,7 +31,7 @@ def build_collaborators(settings: Settings) -> Collaborators:
         settings=settings,
         # Pool: each request thread and each part-upload thread may hold a connection.
         store=Store.from_settings(settings, pool_size=settings.web_threads + uploads),
-        records=Records(redis),
+        records=Records(redis, Durability.from_settings(settings)),
         leases=Leases(redis, settings.lease_seconds),
         queue=make_queue(redis, settings.queue, settings.job_timeout),
         bulk_queue=make_queue(redis, settings.bulk_queue, settings.job_timeout),
@@ -54,9 +54,6 @@ def app() -> WSGIApplication:
     """The web process's WSGI application, as gunicorn loads it (`api.main:app()`). It reads
     the settings the web uses (deploy/gunicorn.conf.py has checked them at start-up)."""
     settings = Settings.from_env(os.environ, WEB_PROCESS)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logs(settings.log_level, settings.log_format)  # PICSTREAM_LOG_FORMAT, scrubbed
     # The send deadline and the close without waiting are gunicorn's side (api/gunicorn.py).
     return Deadlines(create_app(build_collaborators(settings)), settings.send_timeout)

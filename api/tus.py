@@ -44,6 +44,7 @@ from core.errors import (
     NotFound,
     OffsetMismatch,
     PicstreamError,
+    QueueUnavailable,
     TokenRevoked,
     TooLarge,
     TooManyPixels,
@@ -343,6 +344,14 @@ class Resumable:
             self._discard(state)
             self.states.forget(state)
             raise
+        except QueueUnavailable:
+            if self._taken_back(state):
+                # Its `done` was committed with the record, then the record was taken back
+                # (no replica acknowledged it, core/records.py `commit`) and its objects are
+                # to be purged: end the upload, so that no HEAD reports it complete.
+                self._discard(state)
+                self.states.forget(state)
+            raise
         if not created:
             if record.gen != state.gen:  # the same bytes were already this image: a copy
                 self._discard(state)
@@ -350,6 +359,20 @@ class Resumable:
             # its objects are the image's now and must stay.)
             self.states.save(state, lease, done=True)
         state.done = True
+
+    def _taken_back(self, state: TusState) -> bool:
+        """After a failed commit: whether it did commit (the upload marked done in the same
+        transaction) and was then taken back (this incarnation has no record). False when
+        Redis cannot tell: the upload is then left as it is."""
+        try:
+            fresh = self.states.load(state.uid)
+            if fresh is None or not fresh.done:
+                return False
+            return self.records.get(state.owner, state.image_id).gen != state.gen
+        except NotFound:
+            return True
+        except PicstreamError:
+            return False
 
     def _discard(self, state: TusState) -> None:
         """Abort the multipart upload and delete this upload's objects (its incarnation's

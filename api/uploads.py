@@ -20,6 +20,7 @@ from redis.client import Pipeline
 from rq import Queue
 
 from api.body import UploadBody
+from core import metrics
 from core.errors import ImageExists, PicstreamError, TooLarge
 from core.ingest import Ingest, Ingested, Limits, NullSink
 from core.jobs import enqueue_convert
@@ -269,6 +270,7 @@ class Uploads:
                 also(pipe)
 
         self.records.commit(record, lease, in_transaction, self.fence)
+        metrics.upload_accepted(record.size)
         log.info(
             "stored %s/%s (%s): %s %d bytes %sx%s",
             record.owner,

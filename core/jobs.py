@@ -9,11 +9,17 @@ Failure handling is split between the job and rq:
   (the worker runs the scheduler so the retries fire);
 - `CONVERT_FAILED` is rq's failure callback: once no retry is left (also after a timeout
   or when the job was abandoned by a dead worker) it records the image as `failed`.
+
+Request ids: every job queued while a request id is bound (a web request, or a job that was
+itself queued by one) carries it in its meta (`JOB_META_KEY`), so the worker's lines for a
+conversion, its retries and the webhook deliveries it queues name the upload's request
+(core/logs.py). Queues made by `make_queue` add it; nothing else has to pass it on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
@@ -21,6 +27,7 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from core.logs import JOB_META_KEY, current_request_id
 from core.models import ImageRecord
 
 CONVERT = "worker.jobs.convert"
@@ -28,8 +35,26 @@ CONVERT_FAILED = "worker.jobs.conversion_failed"
 DEFAULT_INTERVALS = (5, 20, 60, 180)
 
 
+class TracedQueue(Queue):
+    """An rq queue whose new jobs carry the bound request id in their meta."""
+
+    def create_job(self, *args: Any, **kwargs: Any) -> Job:
+        request_id = current_request_id()
+        if request_id is not None:
+            kwargs["meta"] = {**(kwargs.get("meta") or {}), JOB_META_KEY: request_id}
+        return super().create_job(*args, **kwargs)
+
+
 def make_queue(redis: Redis, name: str, job_timeout: int) -> Queue:
-    return Queue(name, connection=redis, serializer=JSONSerializer, default_timeout=job_timeout)
+    return TracedQueue(
+        name, connection=redis, serializer=JSONSerializer, default_timeout=job_timeout
+    )
+
+
+def request_id_of(job: Job) -> str | None:
+    """The id of the request that queued `job` (directly or through another job), if any."""
+    request_id = job.meta.get(JOB_META_KEY) if isinstance(job.meta, dict) else None
+    return request_id if isinstance(request_id, str) else None
 
 
 def enqueue_convert(

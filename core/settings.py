@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from core.errors import InvalidWebhookUrl
 from core.profiles import ProfileError, Profiles, default_profiles, load_profiles
@@ -67,6 +67,7 @@ class Concern(StrEnum):
     JANITOR = "janitor"  # how often the workers sweep
     WEBHOOK_HOSTS = "webhook hosts"  # the allow-list alone: checked at upload
     WEBHOOKS = "webhooks"  # deliveries: the allow-list, signing key, owner URLs, retries
+    METRICS = "metrics"  # the Prometheus listeners (core/metrics.py): web and workers
 
 
 EVERY_CONCERN = frozenset(Concern)
@@ -74,6 +75,7 @@ EVERY_CONCERN = frozenset(Concern)
 # the allow-list but never delivers, and queues conversions it never runs.
 WEB_PROCESS = frozenset(
     {Concern.STORAGE, Concern.JOBS, Concern.PROFILES, Concern.WEB, Concern.WEBHOOK_HOSTS}
+    | {Concern.METRICS}
 )
 # What `python -m worker` reads: conversions, deliveries, and the janitor's sweeps.
 WORKER_PROCESS = frozenset(
@@ -85,6 +87,7 @@ WORKER_PROCESS = frozenset(
         Concern.JANITOR,
         Concern.WEBHOOK_HOSTS,
         Concern.WEBHOOKS,
+        Concern.METRICS,
     }
 )
 
@@ -103,6 +106,11 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every Redis call gives up after this; an upload's commit is fenced at twice it.
     redis_timeout: float = 5.0
+    # An upload's commit is answered once this many replicas have it (at most as many as
+    # are online: none with a single Redis), waiting at most redis_wait_timeout
+    # (core/records.py `Records.commit`); 0: never wait.
+    redis_wait_replicas: int = 1
+    redis_wait_timeout: float = 1.0
 
     # ------------------------------------------------------------ jobs: the queues
     # One queue per kind of job, drained in this order by the workers: fresh uploads,
@@ -199,8 +207,19 @@ class Settings:
     owner_webhooks: tuple[tuple[str, str], ...] = ()
     webhook_retry_intervals: tuple[int, ...] = (10, 30, 120, 600, 1800, 3600)
 
+    # ------------------------------------------------------------ metrics (core/metrics.py)
+    # The web's Prometheus listener (0: none) and the worker's, one per `python -m worker`;
+    # both on metrics_host (loopback unless told), never on the public port. metrics_dir is
+    # prometheus_client's multiprocess directory ("": a fresh one per process tree).
+    metrics_port: int = 0
+    worker_metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_dir: str = ""
+
     # ------------------------------------------------------------ every process
     log_level: str = "info"
+    # `text` or `json` (one object per line), for every process (core/logs.py).
+    log_format: str = "text"
     # The concerns read from the environment; the fields of the others are defaults.
     concerns: frozenset[Concern] = EVERY_CONCERN
 
@@ -310,6 +329,7 @@ class Settings:
             "log_level": r.choice(
                 "PICSTREAM_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
+            "log_format": r.choice("PICSTREAM_LOG_FORMAT", "text", ("text", "json")),
             "concerns": read,
         }
         for concern in Concern:  # declaration order: the same first error every time
@@ -319,14 +339,21 @@ class Settings:
 
 
 def _storage(r: _Reader) -> dict[str, Any]:
+    redis_timeout = r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0)
+    # The WAIT must end before the client stops reading its answer.
+    wait_timeout = r.seconds("PICSTREAM_REDIS_WAIT_TIMEOUT", min(1.0, redis_timeout / 2))
+    if wait_timeout >= redis_timeout:
+        raise ConfigError("PICSTREAM_REDIS_WAIT_TIMEOUT must be below PICSTREAM_REDIS_TIMEOUT")
     return {
         "s3_endpoint": r.url("S3_ENDPOINT", None, ("http", "https")),
         "s3_access_key": r.text("S3_ACCESS_KEY", None),
         "s3_secret_key": r.text("S3_SECRET_KEY", None),
         "s3_bucket": r.bucket("S3_BUCKET", "picstream"),
         "s3_region": r.text("S3_REGION", "us-east-1"),
-        "redis_url": r.url("REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss", "unix")),
-        "redis_timeout": r.seconds("PICSTREAM_REDIS_TIMEOUT", 5.0),
+        "redis_url": r.redis_url("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "redis_timeout": redis_timeout,
+        "redis_wait_replicas": r.integer("PICSTREAM_REDIS_WAIT_REPLICAS", 1, 0, 64),
+        "redis_wait_timeout": wait_timeout,
     }
 
 
@@ -444,6 +471,21 @@ def _webhooks(r: _Reader) -> dict[str, Any]:
     }
 
 
+def _metrics(r: _Reader) -> dict[str, Any]:
+    web = r.integer("PICSTREAM_METRICS_PORT", 0, 0, 65535)
+    worker = r.integer("PICSTREAM_WORKER_METRICS_PORT", 0, 0, 65535)
+    if web and str(web) == r.env.get("PORT", "8000").strip():
+        raise ConfigError("PICSTREAM_METRICS_PORT must differ from PORT (the public API)")
+    if web and web == worker:
+        raise ConfigError("PICSTREAM_WORKER_METRICS_PORT must differ from PICSTREAM_METRICS_PORT")
+    return {
+        "metrics_port": web,
+        "worker_metrics_port": worker,
+        "metrics_host": r.text("PICSTREAM_METRICS_HOST", "127.0.0.1"),
+        "metrics_dir": r.text("PICSTREAM_METRICS_DIR", ""),
+    }
+
+
 _READERS: dict[Concern, Callable[[_Reader], dict[str, Any]]] = {
     Concern.STORAGE: _storage,
     Concern.JOBS: _jobs,
@@ -453,6 +495,7 @@ _READERS: dict[Concern, Callable[[_Reader], dict[str, Any]]] = {
     Concern.JANITOR: _janitor,
     Concern.WEBHOOK_HOSTS: _webhook_hosts,
     Concern.WEBHOOKS: _webhooks,
+    Concern.METRICS: _metrics,
 }
 
 
@@ -572,6 +615,60 @@ def _check_queues(queue: str, bulk_queue: str, webhook_queue: str) -> None:
         )
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+_SENTINEL_FORM = f"{SENTINEL_SCHEME}://[[user]:password@]host:port[,host:port...]/master-name[/db]"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A REDIS_URL naming Sentinels: where they are, the master's name, the database, and
+    the credentials of the master and its replicas (the Sentinels are asked without)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def sentinel_target(url: str, name: str = "REDIS_URL") -> SentinelTarget | None:
+    """`redis+sentinel://[[user]:password@]host:port,host:port/master-name[/db]` parsed
+    (port 26379 when left out; IPv6 hosts in brackets), None for any other scheme; a
+    ConfigError naming `name` when it is malformed (never repeating the password)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        return None
+    location, _, path = rest.partition("/")
+    credentials, at, hosts = location.rpartition("@")
+    service, _, db = path.partition("/")
+    if "?" in path or "#" in path:
+        raise ConfigError(f"{name}: query and fragment are not supported: {_SENTINEL_FORM}")
+    if not service:
+        raise ConfigError(f"{name} must name the master: {_SENTINEL_FORM}")
+    if db and not re.fullmatch(r"[0-9]{1,5}", db):
+        raise ConfigError(f"{name}: the database must be a number: {_SENTINEL_FORM}")
+    username, _, password = credentials.partition(":") if at else ("", "", "")
+    return SentinelTarget(
+        sentinels=tuple(_host_port(item, name) for item in hosts.split(",")),
+        service=unquote(service),
+        db=int(db or 0),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+def _host_port(item: str, name: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{1,5}))?", item.strip())
+    if match is None:
+        raise ConfigError(
+            f"{name}: {item.strip()!r} is not a Sentinel host:port ({_SENTINEL_FORM})"
+        )
+    port = int(match[2] or 26379)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}: Sentinel port {port} is out of range")
+    return match[1].strip("[]"), port
+
+
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "kib": 1024, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB}
 
 
@@ -647,6 +744,21 @@ class _Reader:
         parts = urlsplit(raw)
         if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "unix"):
             raise ConfigError(f"{name} must be a {'/'.join(schemes)} URL, got {raw!r}")
+        return raw
+
+    def redis_url(self, name: str, default: str) -> str:
+        """redis://, rediss://, unix:// or redis+sentinel:// (`sentinel_target`). The
+        message never repeats the URL: it may hold a password."""
+        raw = self._raw(name, default)
+        parts = urlsplit(raw)
+        if parts.scheme == SENTINEL_SCHEME:
+            sentinel_target(raw, name)
+        elif parts.scheme not in ("redis", "rediss", "unix") or not (
+            parts.netloc or parts.scheme == "unix"
+        ):
+            raise ConfigError(
+                f"{name} must be a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL"
+            )
         return raw
 
     def bucket(self, name: str, default: str) -> str:

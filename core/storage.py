@@ -20,6 +20,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Iterator, Mapping
@@ -34,8 +35,9 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
 from minio.datatypes import Part as Part  # a stored part, for core/sink.py and core/tus.py
-from minio.error import MinioException, S3Error
+from minio.error import InvalidResponseError, MinioException, S3Error
 
+from core import metrics
 from core.errors import NotFound, StorageUnavailable
 from core.settings import Settings
 
@@ -56,15 +58,33 @@ class ObjectInfo:
 
 @contextmanager
 def _translated(action: str) -> Iterator[None]:
-    """Turn minio/urllib3 errors into domain errors; the detail never carries credentials."""
+    """Turn minio/urllib3 errors into domain errors; the detail never carries credentials.
+    Each call is timed, and counted when it failed, under `action` (core/metrics.py)."""
     try:
-        yield
-    except S3Error as exc:
-        if exc.code in _NOT_FOUND:
-            raise NotFound(f"{action}: not found") from exc
-        raise StorageUnavailable(f"{action} failed: S3 error {exc.code}") from exc
+        with metrics.S3_DURATION.labels(action).time():
+            yield
     except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-        raise StorageUnavailable(f"{action} failed: {type(exc).__name__}") from exc
+        code = _s3_code(exc)
+        if code in _NOT_FOUND:
+            raise NotFound(f"{action}: not found") from exc
+        metrics.S3_ERRORS.labels(action).inc()
+        reason = f"S3 error {code}" if code else type(exc).__name__
+        raise StorageUnavailable(f"{action} failed: {reason}") from exc
+
+
+def _s3_code(exc: Exception) -> str | None:
+    """The S3 error code of an error answer, if the store sent one.
+
+    The SDK parses error bodies only when they come as `application/xml`; rclone sends
+    `text/xml`, so its codes (NoSuchKey for a GET, NoSuchUpload) arrive as the raw body in
+    an InvalidResponseError's message.
+    """
+    if isinstance(exc, S3Error):
+        return exc.code
+    if isinstance(exc, InvalidResponseError):
+        found = re.search(r"<Code>([^<]{1,64})</Code>", str(exc))
+        return found.group(1) if found else None
+    return None
 
 
 def _client(
@@ -198,17 +218,21 @@ class Store:
         """Attach metadata known only after the upload (the BLAKE3 of a multipart body).
 
         A copy onto itself with REPLACE; MinIO and SeaweedFS update only the metadata
-        (measured: 7 ms for 256 MiB on SeaweedFS), they do not copy the bytes.
+        (measured: 7 ms for 256 MiB on SeaweedFS), they do not copy the bytes. Callers keep
+        the source within COPY_LIMIT.
+
+        Sent as the bare CopyObject request: the SDK's `copy_object` first HEADs the source
+        (one more round trip) and insists on an ETag in the answer, which rclone leaves out
+        of a copy onto itself (`<CopyObjectResult></CopyObjectResult>`, metadata replaced).
         """
-        source = CopySource(self.bucket, key)
+        headers = _headers(content_type, metadata)
+        headers["x-amz-metadata-directive"] = REPLACE
+        headers.update(CopySource(self.bucket, key).gen_copy_headers())
         with _translated("metadata update"):
-            self.client.copy_object(
-                self.bucket,
-                key,
-                source,
-                metadata=_headers(content_type, metadata),
-                metadata_directive=REPLACE,
-            )
+            response = self.client._execute("PUT", self.bucket, key, headers=headers)
+        # S3 may answer a failed copy with 200 and an <Error> body.
+        if b"<CopyObjectResult" not in response.data:
+            raise StorageUnavailable("metadata update failed: the store did not copy")
 
     def stat(self, key: str) -> ObjectInfo:
         with _translated("stat"):
@@ -320,12 +344,19 @@ class Store:
         id_marker: str | None = None
         with _translated("list uploads"):
             while True:
-                result = self.client._list_multipart_uploads(
-                    self.bucket,
-                    prefix=prefix or None,
-                    key_marker=key_marker,
-                    upload_id_marker=id_marker,
-                )
+                try:
+                    result = self.client._list_multipart_uploads(
+                        self.bucket,
+                        prefix=prefix or None,
+                        key_marker=key_marker,
+                        upload_id_marker=id_marker,
+                    )
+                except MinioException as exc:
+                    # rclone answers a listing made before its first multipart upload in
+                    # this bucket with 404 NoSuchUpload: there are none.
+                    if _s3_code(exc) == "NoSuchUpload":
+                        return found
+                    raise
                 page = [
                     IncompleteUpload(u.object_name or "", u.upload_id or "", u.initiated_time)
                     for u in result.uploads

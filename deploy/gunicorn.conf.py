@@ -17,6 +17,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from api.gunicorn_logging import gunicorn_logger
+from core.logs import bind_request_id
 from core.settings import WEB_PROCESS, ConfigError, Settings
 
 # Every setting the web process uses is checked here, in the master, before any worker
@@ -48,6 +50,9 @@ loglevel = _settings.log_level
 # The query string may carry signatures: log the path only. Behind nginx the client's address
 # is in X-Forwarded-For (set by nginx, never appended to).
 access_log_format = '%(h)s %({x-forwarded-for}i)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+# Our format (PICSTREAM_LOG_FORMAT) and scrubbing on gunicorn's error and access logs, each
+# line with the request's id (api/gunicorn_logging.py).
+logger_class = gunicorn_logger(_settings.log_format)
 
 # The forwarding headers are believed only from the proxy: a loopback peer or the unix socket
 # (gunicorn always trusts a unix socket's peer). Only X-Forwarded-Proto sets the scheme; with
@@ -88,3 +93,85 @@ def post_fork(server: object, worker: object) -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
+    _metrics.forked()
+
+
+class _Metrics:
+    """The web's metrics (core/metrics.py) with PICSTREAM_METRICS_PORT set: the workers record
+    into one multiprocess directory, and the master serves their sum on a listener of its own
+    (PICSTREAM_METRICS_HOST, loopback by default), never on the public port.
+
+    - `on_starting` (once, in the master, before any worker): empty the directory and export
+      it (core/metrics_dir.py), then load prometheus_client, which nothing in this file may
+      have loaded before (checked: it would have chosen in-memory counting for every worker),
+      and start the listener. A taken port stops gunicorn with one line.
+    - `post_fork` (in each worker): close the worker's copy of the listening socket, so only
+      the master holds the port.
+    - `child_exit` (in the master): a worker has died; its live gauges (slots, watchers) are
+      dropped and its counters folded into the archive.
+    - `on_exit`: stop the listener; remove the directory if it was a temporary one.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: Any = None
+        self.tree: Any = None
+
+    def start(self) -> None:
+        port = self.settings.metrics_port
+        if not port:
+            return
+        if "prometheus_client" in sys.modules:
+            print("web: prometheus_client was loaded before its directory was set", file=sys.stderr)
+            sys.exit(2)
+        from core import metrics_dir
+
+        self.tree = metrics_dir.prepare(self.settings.metrics_dir)
+        from core import metrics  # only now: prometheus_client in multiprocess mode
+
+        try:
+            registry = metrics.tree_registry(self.tree.path)
+            self.server = metrics.serve(self.settings.metrics_host, port, registry)
+        except OSError as exc:
+            self.tree.remove()
+            print(f"web: PICSTREAM_METRICS_PORT {port}: {exc.strerror}", file=sys.stderr)
+            sys.exit(2)
+
+    def forked(self) -> None:
+        if self.server is not None:
+            self.server.socket.close()
+
+    def child_exited(self, pid: int) -> None:
+        if self.server is not None:
+            from core import metrics
+
+            metrics.retire_process(pid)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        if self.tree is not None:
+            self.tree.remove()
+
+
+_metrics = _Metrics(_settings)
+
+
+def on_starting(server: object) -> None:
+    _metrics.start()
+
+
+def child_exit(server: object, worker: Any) -> None:
+    _metrics.child_exited(worker.pid)
+
+
+def on_exit(server: object) -> None:
+    _metrics.stop()
+
+
+def post_request(worker: object, req: Any, environ: object, resp: object) -> None:
+    # After the access line: the thread's next lines belong to no request until the app
+    # binds the next id (api/requestid.py).
+    bind_request_id(None)

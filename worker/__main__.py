@@ -12,7 +12,9 @@ front of a conversion), then bulk reconversion, so bulk work never starves the o
 The scheduler runs in the worker so retries with backoff fire. Each job runs in a forked
 work-horse. The image libraries are loaded in the rq worker process (not in the supervisor)
 before the fork, so a job does not pay for loading them; each horse gets a data-segment limit
-(PICSTREAM_JOB_MEMORY) so one image cannot take the machine's memory.
+(PICSTREAM_JOB_MEMORY) so one image cannot take the machine's memory. Each work-horse logs
+(INFO) how long its job waited in the queue and how long it took to start (`pickup=`,
+`fork=`, in ms; bench/e2e.py reads them).
 
 This is the worker's composition root: `main` reads the environment once, and `build_worker`
 hands the settings to the jobs (`JobServices.configure`); no job reads the environment.
@@ -59,18 +61,21 @@ from typing import Any, TypeVar
 import redis
 from redis import Redis
 from redis.client import Pipeline
-from rq import Queue, Worker, worker_registration
+from rq import Queue, worker_registration
 from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.scheduler import RQScheduler
 
-from core import janitor
+from core import janitor, metrics
 from core.errors import PicstreamError
-from core.jobs import make_queue
+from core.jobs import make_queue, request_id_of
+from core.logs import bind_request_id
+from core.logs import configure as configure_logs
 from core.records import NS, Records, connect
 from core.settings import WORKER_PROCESS, ConfigError, Settings
 from core.storage import Store
+from worker.metrics import JobMetrics, exported
 from worker.services import JobServices
 from worker.supervisor import Supervisor
 
@@ -190,6 +195,7 @@ class JanitorSchedule:
                 return
             started = time.monotonic()
             swept = janitor.run_once(self.store, self.records)
+            metrics.janitor_swept(swept.abandoned, swept.stale, swept.purged)
             log.info("janitor: %s (%.1f s)", swept, time.monotonic() - started)
         except StopRequested:
             raise  # rq's signal handler, asking for a warm shutdown mid-sweep
@@ -199,7 +205,7 @@ class JanitorSchedule:
             log.exception("janitor sweep failed")
 
 
-class ConversionWorker(Worker):
+class ConversionWorker(JobMetrics):
     """rq's forking worker, with a memory limit on each work-horse, that waits out Redis
     outages instead of exiting and runs the janitor from its maintenance (see the module
     docstring). The methods overridden here are rq 3.0's; tests/integration/
@@ -217,6 +223,7 @@ class ConversionWorker(Worker):
         self.janitor = janitor
         self.stopping = False
         self.outage = RedisOutage(self.connection, lambda: self.stopping)
+        self.dequeued_at = time.time()  # when the last job was taken from its queue
 
     @property
     def dequeue_timeout(self) -> int:
@@ -224,6 +231,9 @@ class ConversionWorker(Worker):
         return max(1, min(int(super().dequeue_timeout), math.ceil(self.maintenance_interval)))
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        # Every line of this horse, rq's included, names the request that queued the job.
+        bind_request_id(request_id_of(job))
+        self._log_pickup(job)
         if self.job_memory:
             # RLIMIT_DATA counts heap, thread stacks and private mappings. Past it, Python
             # raises MemoryError (recorded as a permanent failure) or GLib aborts the horse
@@ -259,7 +269,22 @@ class ConversionWorker(Worker):
         result: tuple[Job, Queue] | None = self._through_outages(
             partial(super().dequeue_job_and_maintain_ttl, timeout, max_idle_time)
         )
+        self.dequeued_at = time.time()
         return result
+
+    def _log_pickup(self, job: Job) -> None:
+        """In the work-horse: how long the job waited in its queue (`pickup`, from its
+        enqueueing to the rq worker having it), and from there to this horse running
+        (`fork`: rq's bookkeeping and the fork). One INFO line; bench/e2e.py reads it."""
+        now = time.time()
+        queued = job.enqueued_at.timestamp() if job.enqueued_at else now  # UTC, aware
+        log.info(
+            "job %s (%s): pickup=%.0f fork=%.0f",
+            job.id,
+            job.kwargs.get("image_id", ""),
+            (self.dequeued_at - queued) * 1000,
+            (now - self.dequeued_at) * 1000,
+        )
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         if pipeline is not None:  # only adds commands to the caller's pipeline
@@ -425,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logs(settings.log_level, settings.log_format)  # PICSTREAM_LOG_FORMAT, scrubbed
     # pyvips forwards libvips' chatter ("VIPS: thumbnailing ...") at INFO.
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     # rq logs its registry cleaning at INFO on every maintenance (every 10 s here), which
@@ -437,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.supervised_by is not None:
         return run_worker(settings, args.supervised_by)
     child = [sys.executable, "-m", "worker", "--supervised-by", str(os.getpid())]
-    return Supervisor(child, name="rq worker").run()
+    with exported(settings):  # the tree's metrics directory and listener (worker/metrics.py)
+        return Supervisor(child, name="rq worker").run()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ is the one thing read again for every job (`current_profiles`).
    makes it again from its own decode (the same image, so much the same placeholder); one
    that cannot be made leaves the record's as it was (null for a fresh upload) and fails
    nothing;
-3. each variant: encode, PUT under the set's own prefix, mark it `ready` (or `failed` with
-   the encoder's reason) with a `variant` event;
+3. each variant, as soon as it is encoded (the smallest size first, so a page has its
+   thumbnail while the large ones are still being made; worker/convert.py `render_all`):
+   PUT under the set's own prefix, mark it `ready` (or `failed` with the encoder's reason)
+   with a `variant` event;
 4. finish: a fresh upload's set makes the image `ready` (every variant ready) or `failed`;
    a reconvert's set replaces the served one in the same transaction, and the old set's
    objects are deleted a minute later (by the janitor, so downloads already under way
@@ -32,6 +34,9 @@ A job that runs again after its run ended (rq retries it when a step after the f
 write failed, or runs a duplicate) finds its set current and finished: it changes nothing
 and sends nothing, it only brings the bucket copy up to date.
 
+Timings: each job logs one INFO line with how long each step took (`Timeline`), which
+bench/e2e.py reads.
+
 Failures: a bad input (ConversionError) is permanent: recorded as `failed` with the reason,
 and the job returns normally, so rq never retries it. S3 or Redis being unreachable is
 transient: the job raises and rq retries it after the configured intervals;
@@ -42,13 +47,14 @@ conversion process that died) record `failed` once no retry is left, so no image
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from blake3 import blake3
 from redis import Redis
@@ -57,7 +63,7 @@ from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
 
-from core import events
+from core import events, metrics
 from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.jobs import make_queue
 from core.migrate import migrate_image
@@ -73,8 +79,34 @@ from worker.services import JobServices
 log = logging.getLogger(__name__)
 
 Target = Literal["current", "pending"]
+P = ParamSpec("P")
+R = TypeVar("R")
 # How long a replaced variant set stays readable after the record switched away from it.
 RETIRE_GRACE = 60.0
+
+
+class Timeline:
+    """How long the steps of one job took, for one INFO line at its end: `name=ms` for each
+    step, `@name=ms` for moments since the job began (bench/e2e.py reads them)."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.entries: list[tuple[str, float]] = []
+
+    def timed(self, name: str, step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """`step(*args, **kwargs)`, timed as `name`."""
+        start = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            self.entries.append((name, time.perf_counter() - start))
+
+    def mark(self, name: str) -> None:
+        self.entries.append((name, time.perf_counter() - self.began))
+
+    def __str__(self) -> str:
+        total = time.perf_counter() - self.began
+        return " ".join(f"{name}={s * 1000:.0f}" for name, s in [*self.entries, ("total", total)])
 
 
 class Superseded(Exception):
@@ -89,20 +121,27 @@ class Ended(Exception):
 
 def convert(owner: str, image_id: str, gen: str = "", vset: str = "") -> None:
     """rq job: make one variant set (see the module docstring)."""
-    services = JobServices.current()
+    clock = Timeline()
+    services = clock.timed("services", JobServices.current)
     if not gen:
         # Queued before incarnations existed: move the image to the current layout,
         # which queues its conversion anew.
         migrate_image(services.store, services.records, services.settings, owner, image_id)
         return
-    ImageJob(services, owner, image_id, gen, vset).run()
+    ImageJob(services, owner, image_id, gen, vset, clock).run()
 
 
 class ImageJob:
     """One run of `convert` for set `vset` of incarnation `gen` of an image."""
 
     def __init__(
-        self, services: JobServices, owner: str, image_id: str, gen: str, vset: str
+        self,
+        services: JobServices,
+        owner: str,
+        image_id: str,
+        gen: str,
+        vset: str,
+        clock: Timeline | None = None,
     ) -> None:
         self.store = services.store
         self.records = services.records
@@ -110,6 +149,7 @@ class ImageJob:
         self.webhooks = services.settings.webhooks
         self.keys = ObjectKeys(owner, image_id, gen)
         self.vset = vset
+        self.clock = clock or Timeline()
 
     @property
     def name(self) -> str:
@@ -117,7 +157,9 @@ class ImageJob:
 
     def run(self) -> None:
         try:
-            record = self.records.get(self.keys.owner, self.keys.image_id)
+            record = self.clock.timed(
+                "record", self.records.get, self.keys.owner, self.keys.image_id
+            )
             self._convert(record, self._target(record))
         except (Superseded, NotFound):
             log.info("%s: superseded (deleted, re-uploaded or reconverted)", self.name)
@@ -167,22 +209,32 @@ class ImageJob:
         except ProfileNotFound:
             self.fail(f"the profile {profile_name!r} no longer exists")
             return
+        clock = self.clock
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="picstream-") as tmp:
             conversion = self._open(os.path.join(tmp, "original"), record, profile)
             if conversion is None:
                 return
             self._start(conversion)
-            for result in conversion.render_all(self.conversion.threads):
-                self._set_variant(self._store(result))
+            # Closed at once if a variant's update finds the job superseded: the encoders
+            # still queued are cancelled rather than run for nothing.
+            with contextlib.closing(conversion.render_all(self.conversion.threads)) as results:
+                while (result := clock.timed("wait", next, results, None)) is not None:
+                    variant = clock.timed(f"put:{result.spec.name}", self._store, result)
+                    clock.timed(f"update:{result.spec.name}", self._set_variant, variant)
+                    clock.mark(f"@{result.spec.name}")
         self._finish()
+        elapsed = time.perf_counter() - started
+        metrics.CONVERSION_DURATION.labels(metrics.format_label(record.format)).observe(elapsed)
+        log.info("%s: converted; %s", self.name, clock)
 
     def _open(self, path: str, record: ImageRecord, profile: Profile) -> Conversion | None:
         """Download and decode the original; a permanent failure is recorded -> None."""
         try:
             with open(path, "wb") as out:
-                self.store.download(self.keys.original, out)
+                self.clock.timed("download", self.store.download, self.keys.original, out)
             limits = DecodeLimits(self.conversion.max_pixels, self.conversion.max_frames)
-            return open_image(path, record.format, profile, limits)
+            return self.clock.timed("decode", open_image, path, record.format, profile, limits)
         except NotFound:
             # Deleted meanwhile (then the record is gone too), or lost from the bucket.
             self.fail("the original is missing from storage")
@@ -198,6 +250,7 @@ class ImageJob:
         digest = blake3(rendered.data, max_threads=1).hexdigest()  # AUTO hangs after fork
         key = self.keys.variant(self.vset, spec.name)
         self.store.put(key, rendered.data, spec.encoder.content_type, {META_BLAKE3: digest})
+        metrics.VARIANT_BYTES.labels(spec.format, spec.size.name).inc(len(rendered.data))
         return Variant(
             spec.name,
             "ready",
@@ -212,7 +265,7 @@ class ImageJob:
 
     def _start(self, conversion: Conversion) -> None:
         # Made once, outside the change: that may run again after a WATCH conflict.
-        placeholder = conversion.placeholder()
+        placeholder = self.clock.timed("placeholder", conversion.placeholder)
 
         def start(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
@@ -227,7 +280,12 @@ class ImageJob:
                 record = replace(record, status="processing", error=None)
             return self._with_set(record, target, wanted)
 
-        self._update(start, lambda pipe, rec: events.append(pipe, rec, events.status_event(rec)))
+        self.clock.timed(
+            "start",
+            self._update,
+            start,
+            lambda pipe, rec: events.append(pipe, rec, events.status_event(rec)),
+        )
 
     def _set_variant(self, variant: Variant) -> None:
         def set_variant(record: ImageRecord) -> ImageRecord:
@@ -246,12 +304,16 @@ class ImageJob:
     def _finish(self) -> None:
         replaced: list[str] = []
 
+        ended: list[str] = []  # the run ended here (metrics)
+
         def finish(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
             replaced.clear()
+            ended.clear()
             if target == "current" and record.pending is not None:
                 return record  # a reconversion is under way: it ends this image's run
             status, error = _outcome(self._set_of(record, target))
+            ended.append(status)
             if target == "pending":
                 assert record.pending is not None
                 replaced.append(record.vset)
@@ -264,18 +326,24 @@ class ImageJob:
             for old in replaced:
                 self._retire(pipe, record, old)
 
-        self._mirror(self._update(finish, also))
+        made = self.clock.timed("update:final", self._update, finish, also)
+        for outcome in ended:
+            metrics.CONVERSIONS.labels(outcome).inc()
+        self.clock.timed("mirror", self._mirror, made)
 
     def fail(self, reason: str) -> None:
         """Record that this job's set cannot be made, for `reason`. A fresh upload's image
         becomes `failed` (variants not ready fail with the reason); a reconvert's pending
         set is dropped and the image `failed`, its current variants still served."""
         dropped: list[str] = []
+        ended: list[str] = []  # the run ended here (metrics)
 
         def failed(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
             dropped.clear()
+            ended[:] = ["failed"]
             if target == "current" and record.pending is not None:
+                ended.clear()
                 return record  # the reconversion decides how this image ends
             if target == "pending":
                 dropped.append(self.vset)
@@ -291,6 +359,8 @@ class ImageJob:
                 self._final_events(pipe, record)
 
         record = self._update(failed, also)
+        for outcome in ended:
+            metrics.CONVERSIONS.labels(outcome).inc()
         log.warning("%s failed: %s", self.name, reason)
         for vset in dropped:
             self._delete_set(vset)

@@ -7,6 +7,9 @@ import time
 
 import urllib3
 
+from core.errors import PicstreamError
+from core.logs import current_request_id
+from core.metrics import WEBHOOK_DELIVERIES
 from core.webhooks import Event, check_url, event_in, signature
 from worker.services import JobServices
 
@@ -24,8 +27,13 @@ def deliver(url: str, body: str, image_id: str, event: Event | None = None) -> N
     deliveries queued by the previous version do not name it, and it is read from the body."""
     hooks = JobServices.configured_settings().webhooks
     # The allow-list is checked again at delivery: it may have shrunk since the upload.
-    check_url(url, hooks.hosts)
+    try:
+        check_url(url, hooks.hosts)
+    except PicstreamError:
+        WEBHOOK_DELIVERIES.labels("not_sent").inc()
+        raise
     if hooks.secret is None:
+        WEBHOOK_DELIVERIES.labels("not_sent").inc()
         raise DeliveryFailed("PICSTREAM_WEBHOOK_SECRET is not set")
     event = event or event_in(body)
     headers = {
@@ -34,13 +42,20 @@ def deliver(url: str, body: str, image_id: str, event: Event | None = None) -> N
         "X-Picstream-Event": event,
         "X-Picstream-Signature": signature(hooks.secret, int(time.time()), body),
     }
+    request_id = current_request_id()  # the upload's, from the job (core/logs.py)
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     with urllib3.PoolManager(retries=False, timeout=TIMEOUT) as pool:
         try:
             response = pool.request(
                 "POST", url, body=body.encode(), headers=headers, redirect=False
             )
         except urllib3.exceptions.HTTPError as exc:
+            WEBHOOK_DELIVERIES.labels("unreachable").inc()
             raise DeliveryFailed(f"webhook for {image_id} failed: {type(exc).__name__}") from exc
     if not 200 <= response.status < 300:
+        WEBHOOK_DELIVERIES.labels("refused").inc()
         raise DeliveryFailed(f"webhook for {image_id} answered {response.status}")
+    WEBHOOK_DELIVERIES.labels("delivered").inc()
+    # SECURITY: never the URL: a receiver may take a secret in its query string.
     log.info("webhook for %s delivered (%s)", image_id, event)

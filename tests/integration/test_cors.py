@@ -402,7 +402,8 @@ def test_a_handed_off_download_keeps_its_cors_headers(
         ("/v1/images/holiday-1/best?width=10", {"Origin": DEV, "Accept": "image/webp"}, ALICE_KEY),
         (original, {"Origin": APP, "Range": "bytes=0-9"}, ALICE_KEY),
     ]
-    for path, headers, key in cases:
+    for n, (path, case_headers, key) in enumerate(cases):
+        headers = {**case_headers, "X-Request-Id": f"cors-case-{n}"}  # the same id both ways
         through = front.request("GET", path, headers=headers, key=key)
         same_answer(through, direct.request("GET", path, headers=headers, key=key))
         assert through.status in (200, 206)

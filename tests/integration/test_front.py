@@ -160,7 +160,8 @@ def test_a_stalled_upload_gets_the_apps_408(front: Api) -> None:
 
 
 def test_the_apps_own_problems_pass_unchanged(front: Api, api: Api) -> None:
-    through, direct = (a.request("GET", "/v1/images/nope") for a in (front, api))
+    same_id = {"X-Request-Id": "own-problem-1"}
+    through, direct = (a.request("GET", "/v1/images/nope", headers=same_id) for a in (front, api))
     assert through.status == direct.status == 404
     assert through.header("content-type") == "application/problem+json"
     assert through.json == direct.json
@@ -244,7 +245,8 @@ def test_handed_off_downloads_answer_like_the_app(
         ("GET", variant, {}, ALICE_KEY),
         ("GET", "/v1/images/holiday/best?width=100", {"Accept": "image/webp"}, ALICE_KEY),
     ]
-    for method, path, headers, key in cases:
+    for n, (method, path, case_headers, key) in enumerate(cases):
+        headers = {**case_headers, "X-Request-Id": f"front-case-{n}"}  # the same id both ways
         through = front.request(method, path, headers=headers, key=key)
         direct = api.request(method, path, headers=headers, key=key)
         same_answer(through, direct)

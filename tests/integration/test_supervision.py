@@ -143,6 +143,7 @@ def test_the_rq_methods_the_worker_overrides_still_exist() -> None:
         "start_scheduler",
         "_through_outages",
         "_register_again_if_forgotten",
+        "_log_pickup",  # our own, not rq's
     }
     assert overridden == {
         "dequeue_timeout",

@@ -95,6 +95,8 @@ MINIO_CALLS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "_upload_part": (("bucket", "key", b"data", None, "upload-id", 1), {}),
     "_complete_multipart_upload": (("bucket", "key", "upload-id", [Part(1, "etag")]), {}),
     "_abort_multipart_upload": (("bucket", "key", "upload-id"), {}),
+    # The bare CopyObject of Store.replace_metadata (its answer's `.data` is read).
+    "_execute": (("PUT", "bucket", "key"), {"headers": {"x-amz-metadata-directive": "REPLACE"}}),
     "_list_multipart_uploads": (
         ("bucket",),
         {"prefix": "p/", "key_marker": None, "upload_id_marker": None},

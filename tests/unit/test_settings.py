@@ -273,3 +273,13 @@ def test_storage_is_read_by_every_process() -> None:
         with pytest.raises(ConfigError, match="S3_ENDPOINT is required"):
             Settings.from_env({"S3_ACCESS_KEY": "k", "S3_SECRET_KEY": "s"}, concerns)
     assert Settings.from_env(BASE, ()).concerns == frozenset({Concern.STORAGE})
+
+
+def test_the_example_production_settings_are_valid() -> None:
+    """deploy/env.example is what operators copy: every value in it must start a process."""
+    path = Path(__file__).resolve().parents[2] / "deploy" / "env.example"
+    lines = path.read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    env.pop("PICSTREAM_PROFILES")  # a file on the production machine
+    settings = Settings.from_env(env)
+    assert settings.redis_url == env["REDIS_URL"]
