@@ -26,6 +26,7 @@ from tests import browser as browser_helpers
 from tests import images, servers
 from tests.faults import Outage
 from tests.http import Api
+from tests.webhooks import Receiver
 from worker.__main__ import listened_queues
 from worker.services import JobServices
 
@@ -395,3 +396,11 @@ def pytest_runtest_makereport(
             shot = f"no screenshot: {exc}"
         report.sections.append(("browser screenshot", shot))
     return report
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on loopback (tests/webhooks.py), stopped after the test."""
+    server = Receiver()
+    yield server
+    server.stop()

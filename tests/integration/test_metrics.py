@@ -16,18 +16,11 @@ import pytest
 from tests import pixels, servers
 from tests.http import Api
 from tests.integration.conftest import ALICE_KEY
-from tests.integration.test_webhooks import SECRET, Receiver
 from tests.metrics import Samples, listening, scrape, total, value
+from tests.webhooks import SECRET, Receiver
 
 MiB = 1024 * 1024
 UPLOADS = {"route": "/v1/images", "method": "POST"}
-
-
-@pytest.fixture()
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.stop()
 
 
 @pytest.fixture()

@@ -32,8 +32,8 @@ from tests.faults import Outage
 from tests.http import Api, Response
 from tests.images import png
 from tests.integration.conftest import ALICE_KEY
-from tests.integration.test_webhooks import SECRET, Receiver
 from tests.logtrace import headers_only, json_lines, wait_until
+from tests.webhooks import SECRET, Receiver
 
 StartApi = Callable[[dict[str, str]], tuple[servers.Server, Api]]
 ORIGIN = "https://app.example"
@@ -137,13 +137,6 @@ def test_gunicorns_access_line_names_the_id(api: Api, gunicorn: servers.Server) 
         10,
         "gunicorn's access line",
     )
-
-
-@pytest.fixture()
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.stop()
 
 
 @pytest.fixture()
