@@ -155,10 +155,20 @@ def crash_the_converting_worker_host(
     resp = api.upload(noise_jpeg(2000, 1500), query="?profile=slow")
     assert resp.status == 201, resp.body
     started = StartedJobRegistry(queue=make_queue(redis_client, settings.queue, 60))
-    wait_until(lambda: started.count == 1, 30, "a worker to start the conversion")
-    (job_id,) = started.get_job_ids()
+    taken_by: list[str] = []
+
+    def taken() -> bool:
+        # The job enters the started registry a moment before its worker's name is saved.
+        for started_id in started.get_job_ids():
+            found = Job.fetch(started_id, connection=redis_client, serializer=JSONSerializer)
+            if found.worker_name:
+                taken_by[:] = [started_id, found.worker_name]
+        return bool(taken_by)
+
+    wait_until(taken, 30, "a worker to start the conversion")
+    job_id, worker_name = taken_by
     job = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
-    doomed = names[str(job.worker_name)]
+    doomed = names[worker_name]
     # The horse is working: a child of the rq worker (pids: supervisor, rq worker, then the
     # rq worker's children) that has burnt CPU on the image; rq's scheduler burns next to none.
     wait_until(

@@ -113,6 +113,7 @@ def upload_loop(api: Api, body: bytes, answers: list[Answer], stop: threading.Ev
         stop.wait(0.1)  # pacing: a few uploads a second each, not a flood of conversions
 
 
+@pytest.mark.timeout(480)  # the conversions' deadline below, and the servers' start and stop
 def test_the_service_rides_out_a_master_killed_mid_traffic(
     cluster: SentinelSet, s3_server: servers.Server, store: Store, tmp_path: Path
 ) -> None:
@@ -181,7 +182,10 @@ def test_the_service_rides_out_a_master_killed_mid_traffic(
                 api.request("GET", f"/v1/images/{i}").json["status"] == "ready" for i in accepted
             )
 
-        wait_for(all_ready, 120, "not every accepted image became ready")
+        # A conversion the failover cut is handed on by rq's abandoned-job handling (60 s
+        # after its worker's last heartbeat) and retried: a deadline for that, not a timing
+        # (the 30 s bound is the 201 above).
+        wait_for(all_ready, 240, "not every accepted image became ready")
         for watcher in watchers:
             assert watcher.thread is not None
             watcher.thread.join(timeout=30)
