@@ -178,7 +178,9 @@ def crash_the_converting_worker_host(
     )
     killed = crash(doomed.server)
     crashed_at = time.monotonic()
-    assert len(killed) >= 4, killed  # supervisor, rq worker, scheduler, work-horse
+    # Supervisor, rq worker and work-horse; and rq's scheduler, when this host holds the
+    # scheduler lock (one worker of all does).
+    assert len(killed) >= 3, killed
     (survivor,) = [host for host in hosts if host is not doomed]
     assert job.get_status(refresh=True) == "started"  # orphaned, nobody finishes it yet
     return resp.json["id"], job_id, survivor, crashed_at
