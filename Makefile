@@ -5,20 +5,19 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SERIAL_TESTS := tests/integration/test_openapi.py
 
 .PHONY: run test lint setup redis-server nginx chromium clean
 
 run: setup redis-server nginx
 	$(BIN)/python deploy/devstack.py
 
-# Tests in two passes: everything on one pytest-xdist worker per core (each worker has its own
-# Redis, SeaweedFS, gunicorn...: session fixtures are per worker), whole files per worker; then
-# the schemathesis file alone, whose tests share one node id (xdist would run just one of them).
+# The suite runs serially. It can run on one pytest-xdist worker per core in ~half the time
+# (`pytest -n auto --dist loadfile --ignore=tests/integration/test_openapi.py`, then that file
+# alone: its schemathesis tests share one node id), but under that load the Sentinel failover
+# test has left an accepted image unconverted (README "Tests"): not in CI until that is fixed.
 test: setup redis-server nginx chromium
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -n auto --dist loadfile --durations=15 --ignore=$(SERIAL_TESTS)
-	$(BIN)/pytest --durations=5 $(SERIAL_TESTS)
+	$(BIN)/pytest --durations=15
 
 lint:
 	$(BIN)/ruff check .
