@@ -33,7 +33,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,7 @@ from rq.serializers import JSONSerializer
 from rq.suspension import resume, suspend
 
 from bench.convert import camera_like
-from bench.small import jpeg_of_about
+from bench.small import drive, jpeg_of_about
 from core.settings import Settings
 from core.storage import Store
 from deploy.seaweed import free_port
@@ -159,44 +159,32 @@ class Uploads:
 
 
 def drive_uploads(port: int, data: bytes, clients: int, seconds: float) -> Uploads:
-    result = Uploads()
+    """bench/small.py's driver, keeping the created ids (their records are measured)."""
+    ids: list[str] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(clients + 1)
-    stop_at = [0.0]
     headers = {**AUTH, "Content-Length": str(len(data))}
 
-    def client() -> None:
+    def one(_n: int) -> Callable[[], str | None]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        barrier.wait()
-        while time.perf_counter() < stop_at[0]:
-            began = time.perf_counter()
+
+        def upload() -> str | None:
             try:
                 conn.request("POST", "/v1/images", body=data, headers=headers)
                 resp = conn.getresponse()
                 body = resp.read()
-                ok = resp.status == 201
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                ok, body = False, b""
-            took = time.perf_counter() - began
+                return type(exc).__name__
+            if resp.status != 201:
+                return str(resp.status)
             with lock:
-                if ok:
-                    result.latencies.append(took)
-                    result.ids.append(str(json.loads(body)["id"]))
-                else:
-                    result.failures += 1
-        conn.close()
+                ids.append(str(json.loads(body)["id"]))
+            return None
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    stop_at[0] = time.perf_counter() + seconds
-    began = time.perf_counter()
-    barrier.wait()
-    for thread in threads:
-        thread.join()
-    result.elapsed = time.perf_counter() - began
-    return result
+        return upload
+
+    cell = drive(clients, seconds, one)
+    return Uploads(cell.latencies, sum(cell.failures.values()), cell.elapsed, ids)
 
 
 def upload_cell(base: Base, processes: int, data: bytes, clients: int, seconds: float) -> str:

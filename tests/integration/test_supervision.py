@@ -24,6 +24,7 @@ from core.records import Records
 from core.settings import Settings
 from core.storage import Store
 from tests import images, servers
+from tests.hosts import alive
 from tests.integration.conftest import ALICE_KEY
 from worker.__main__ import ConversionWorker, PatientScheduler
 
@@ -60,15 +61,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def group_members(pgid: int) -> list[int]:
