@@ -20,6 +20,7 @@ import sys
 
 from core import janitor
 from core.errors import PicstreamError
+from core.jobs import requeue_for
 from core.logs import configure as configure_logs
 from core.migrate import migrate_all
 from core.rebuild import rebuild
@@ -30,7 +31,7 @@ from core.storage import Store
 # What each command reads from the environment: rebuild and migrate queue conversions.
 CONCERNS = {
     "rebuild": (Concern.STORAGE, Concern.JOBS),
-    "janitor": (Concern.STORAGE,),
+    "janitor": (Concern.STORAGE, Concern.JOBS),
     "migrate": (Concern.STORAGE, Concern.JOBS),
 }
 
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rebuild":
             print(f"rebuild: {rebuild(store, records, settings)}")
         elif args.command == "janitor":
-            print(f"janitor: {janitor.run_once(store, records)}")
+            requeue = requeue_for(records.redis, settings)
+            print(f"janitor: {janitor.run_once(store, records, requeue=requeue)}")
         else:
             print(f"migrate: {migrate_all(store, records, settings)} image(s) moved")
     except PicstreamError as exc:

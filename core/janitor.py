@@ -11,7 +11,9 @@ down at the moment of the cleanup. One sweep:
 3. deletes due purges (core/records.py `Purge`): incarnations and variant sets that were
    deleted or replaced, and incarnations whose upload never committed (its process died
    after storing the original: core/leases.py), each exactly its own prefix, never an
-   id's whole prefix.
+   id's whole prefix;
+4. with the worker's queues (`requeue`), queues again the conversions whose rq job was lost
+   (core/inflight.py) — a Redis failover or a worker killed at the wrong moment.
 
 Workers run a sweep every PICSTREAM_JANITOR_INTERVAL seconds, one at a time cluster-wide;
 `picstream-admin janitor` runs one now.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from core.errors import NotFound, PicstreamError
+from core.inflight import Requeue, requeue_lost
 from core.leases import MULTIPART_KEY, expired_multipart
 from core.records import Records
 from core.storage import Store
@@ -40,21 +43,25 @@ class Sweep:
     abandoned: int  # multipart uploads of dead processes aborted
     stale: int  # unregistered uploads older than a day aborted
     purged: int  # purges done
+    requeued: int = 0  # lost conversions queued again
 
     def __str__(self) -> str:
         return (
             f"{self.abandoned} abandoned and {self.stale} stale uploads aborted,"
-            f" {self.purged} purges done"
+            f" {self.purged} purges done, {self.requeued} lost conversions queued again"
         )
 
 
-def run_once(store: Store, records: Records, now: float | None = None) -> Sweep:
+def run_once(
+    store: Store, records: Records, now: float | None = None, requeue: Requeue | None = None
+) -> Sweep:
     """One sweep now (see the module docstring); `now` (epoch seconds) lets a test or an
     operator act as if later."""
     return Sweep(
         abort_abandoned_uploads(store, records, now),
         abort_stale_uploads(store),
         sweep_purges(store, records, now),
+        requeue_lost(records, requeue, now) if requeue is not None else 0,
     )
 
 

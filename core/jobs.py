@@ -27,8 +27,10 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from core.inflight import Flight, Requeue, took_off
 from core.logs import JOB_META_KEY, current_request_id
 from core.models import ImageRecord
+from core.settings import Settings
 
 CONVERT = "worker.jobs.convert"
 CONVERT_FAILED = "worker.jobs.conversion_failed"
@@ -67,8 +69,9 @@ def enqueue_convert(
 ) -> Job:
     """Queue the conversion of one incarnation's variant set `vset` inside the caller's
     MULTI/EXEC pipeline. The job writes only while the record still is that incarnation and
-    still wants that set (worker/jobs.py)."""
-    return queue.enqueue_call(
+    still wants that set (worker/jobs.py). The conversion is in flight from then on: the
+    janitor queues it again should rq lose its job (core/inflight.py)."""
+    job = queue.enqueue_call(
         CONVERT,
         kwargs={"owner": record.owner, "image_id": record.id, "gen": record.gen, "vset": vset},
         retry=Retry(max=len(intervals), interval=list(intervals)),
@@ -76,3 +79,19 @@ def enqueue_convert(
         description=f"convert {record.owner}/{record.id} {record.gen}/{vset}",
         pipeline=pipeline,
     )
+    took_off(pipeline, Flight(record.owner, record.id, record.gen, vset), queue.name, job.id)
+    return job
+
+
+def requeue_for(redis: Redis, settings: Settings, janitor_interval: float = 0.0) -> Requeue:
+    """How this process's janitor queues lost conversions again (core/inflight.py): on the
+    queue they were on when it is one of ours (fresh uploads or bulk), else on the first;
+    `janitor_interval` is how often it sweeps (0: once, `picstream-admin janitor`)."""
+    names = (settings.queue, settings.bulk_queue)
+    queues = {name: make_queue(redis, name, settings.job_timeout) for name in names}
+
+    def enqueue(name: str, record: ImageRecord, vset: str, pipe: Pipeline) -> None:
+        queue = queues.get(name, queues[settings.queue])
+        enqueue_convert(queue, record, vset, pipe, intervals=settings.retry_intervals)
+
+    return Requeue(enqueue, Requeue.lost_after_for(janitor_interval), settings.queue)

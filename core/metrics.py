@@ -38,7 +38,6 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from rq.registry import ScheduledJobRegistry
 
-from core.jobs import make_queue
 from core.metrics_dir import ENV
 
 # ---------------------------------------------------------------------- label bounding
@@ -207,7 +206,8 @@ WEBHOOK_DELIVERIES = Counter(
 JANITOR_ACTIONS = Counter(
     "picstream_janitor_actions",
     "What the janitor's sweeps did: aborted_abandoned_upload (its process died),"
-    " aborted_stale_upload (unregistered, over a day old), purged_prefix.",
+    " aborted_stale_upload (unregistered, over a day old), purged_prefix,"
+    " requeued_lost_conversion (rq lost its job: core/inflight.py).",
     ["action"],
 )
 
@@ -230,10 +230,11 @@ def upload_accepted(size: int) -> None:
     UPLOAD_BYTES.inc(size)
 
 
-def janitor_swept(abandoned: int, stale: int, purged: int) -> None:
+def janitor_swept(abandoned: int, stale: int, purged: int, requeued: int = 0) -> None:
     JANITOR_ACTIONS.labels("aborted_abandoned_upload").inc(abandoned)
     JANITOR_ACTIONS.labels("aborted_stale_upload").inc(stale)
     JANITOR_ACTIONS.labels("purged_prefix").inc(purged)
+    JANITOR_ACTIONS.labels("requeued_lost_conversion").inc(requeued)
 
 
 # ---------------------------------------------------------------------- export
@@ -267,6 +268,9 @@ class QueueDepth(Collector):
     scrape. A Redis that does not answer leaves the two metrics out of that scrape."""
 
     def __init__(self, redis: Redis, queues: Sequence[str]) -> None:
+        # Imported here: core.jobs leads (through core.records) back to this module.
+        from core.jobs import make_queue
+
         self.queues = [make_queue(redis, name, 60) for name in queues]
 
     def collect(self) -> Iterable[Metric]:

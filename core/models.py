@@ -164,6 +164,23 @@ class ImageRecord:
     def keys(self) -> ObjectKeys:
         return ObjectKeys(self.owner, self.id, self.gen)
 
+    def run_ended(self) -> bool:
+        """Whether the run of the current set has ended: the image is ready or failed, or a
+        reconversion is under way (which ends the image's run) and no variant of the current
+        set is left to make. A set is current and unfinished only while `processing`."""
+        if self.status != "processing":
+            return True
+        return self.pending is not None and all(v.status != "pending" for v in self.variants)
+
+    def wants(self, gen: str, vset: str) -> bool:
+        """Whether a conversion of set `vset` of incarnation `gen` still has work to do
+        here: the current set's unfinished run, or the reconversion's pending set."""
+        if gen != self.gen:
+            return False
+        if vset == self.vset:
+            return not self.run_ended()
+        return self.pending is not None and self.pending.vset == vset
+
     @property
     def created(self) -> datetime:
         """`created_at` as an aware datetime (UTC)."""

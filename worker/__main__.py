@@ -69,7 +69,8 @@ from rq.scheduler import RQScheduler
 
 from core import janitor, metrics
 from core.errors import PicstreamError
-from core.jobs import make_queue, request_id_of
+from core.inflight import Requeue
+from core.jobs import make_queue, request_id_of, requeue_for
 from core.logs import bind_request_id
 from core.logs import configure as configure_logs
 from core.records import NS, Records, connect
@@ -182,10 +183,13 @@ class JanitorSchedule:
     that sets the lock (SET NX EX interval) sweeps, the others skip. A sweep that takes longer
     than the interval may overlap the next one; sweeps are idempotent."""
 
-    def __init__(self, store: Store, records: Records, interval: float) -> None:
+    def __init__(
+        self, store: Store, records: Records, interval: float, requeue: Requeue | None = None
+    ) -> None:
         self.store = store
         self.records = records
         self.lock_seconds = max(1, math.ceil(interval))
+        self.requeue = requeue
 
     def sweep_if_due(self) -> None:
         """Never raises: a store or Redis failure, or a bug in a sweep, is logged and the
@@ -194,8 +198,8 @@ class JanitorSchedule:
             if not self.records.redis.set(JANITOR_LOCK, os.getpid(), nx=True, ex=self.lock_seconds):
                 return
             started = time.monotonic()
-            swept = janitor.run_once(self.store, self.records)
-            metrics.janitor_swept(swept.abandoned, swept.stale, swept.purged)
+            swept = janitor.run_once(self.store, self.records, requeue=self.requeue)
+            metrics.janitor_swept(swept.abandoned, swept.stale, swept.purged, swept.requeued)
             log.info("janitor: %s (%.1f s)", swept, time.monotonic() - started)
         except StopRequested:
             raise  # rq's signal handler, asking for a warm shutdown mid-sweep
@@ -379,7 +383,12 @@ def build_worker(settings: Settings, redis_client: Redis) -> ConversionWorker:
     JobServices.configure(settings)  # the jobs' settings; their clients are built per horse
     queues = listened_queues(settings, redis_client)
     janitor_interval = settings.storage.janitor_interval
-    sweeps = JanitorSchedule(Store.from_settings(settings), Records(redis_client), janitor_interval)
+    sweeps = JanitorSchedule(
+        Store.from_settings(settings),
+        Records(redis_client),
+        janitor_interval,
+        requeue_for(redis_client, settings, janitor_interval),
+    )
     return ConversionWorker(
         queues,
         connection=redis_client,

@@ -65,6 +65,7 @@ from rq.timeouts import JobTimeoutException
 
 from core import events, metrics
 from core.errors import NotFound, PicstreamError, ProfileNotFound
+from core.inflight import Flight, landed
 from core.jobs import make_queue
 from core.migrate import migrate_image
 from core.mirror import mirror_record
@@ -155,6 +156,10 @@ class ImageJob:
     def name(self) -> str:
         return f"{self.keys.owner}/{self.keys.image_id} {self.keys.gen}/{self.vset}"
 
+    @property
+    def flight(self) -> Flight:
+        return Flight(self.keys.owner, self.keys.image_id, self.keys.gen, self.vset)
+
     def run(self) -> None:
         try:
             record = self.clock.timed(
@@ -176,7 +181,7 @@ class ImageJob:
         if record.gen != self.keys.gen:
             raise Superseded
         if record.vset == self.vset:
-            if _ended(record):
+            if record.run_ended():
                 raise Ended
             return "current"
         if record.pending is not None and record.pending.vset == self.vset:
@@ -321,6 +326,7 @@ class ImageJob:
             return replace(record, status=status, error=error)
 
         def also(pipe: Pipeline, record: ImageRecord) -> None:
+            landed(pipe, self.flight)
             if record.status != "processing":
                 self._final_events(pipe, record)
             for old in replaced:
@@ -355,6 +361,7 @@ class ImageJob:
             return replace(record, status="failed", error=reason, variants=variants)
 
         def also(pipe: Pipeline, record: ImageRecord) -> None:
+            landed(pipe, self.flight)
             if record.status == "failed":
                 self._final_events(pipe, record)
 
@@ -433,15 +440,6 @@ def current_profiles(conversion: ConversionSettings) -> Profiles:
     except (OSError, ProfileError, UnicodeDecodeError) as exc:
         log.error("PICSTREAM_PROFILES %s: %s; using the profiles read at start-up", path, exc)
         return conversion.profiles
-
-
-def _ended(record: ImageRecord) -> bool:
-    """Whether the run of the record's current set has ended: the image is ready or failed,
-    or a reconversion is under way (which ends the image's run) and no variant of the
-    current set is left to make. A set is current and unfinished only while `processing`."""
-    if record.status != "processing":
-        return True
-    return record.pending is not None and all(v.status != "pending" for v in record.variants)
 
 
 def _outcome(variants: tuple[Variant, ...]) -> tuple[Literal["ready", "failed"], str | None]:

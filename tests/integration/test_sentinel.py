@@ -126,6 +126,9 @@ def test_the_service_rides_out_a_master_killed_mid_traffic(
         PICSTREAM_REDIS_TIMEOUT="2",
         PICSTREAM_WEB_THREADS="24",
         PICSTREAM_MAX_EVENT_STREAMS="8",
+        # The janitor queues again a conversion whose job the failover lost (its
+        # registration, or the record update that ended it, not yet replicated).
+        PICSTREAM_JANITOR_INTERVAL="5",
     )
     settings = Settings.from_env(env)
     web = servers.start_gunicorn(env, tmp_path / "web")
@@ -183,8 +186,9 @@ def test_the_service_rides_out_a_master_killed_mid_traffic(
             )
 
         # A conversion the failover cut is handed on by rq's abandoned-job handling (60 s
-        # after its worker's last heartbeat) and retried: a deadline for that, not a timing
-        # (the 30 s bound is the 201 above).
+        # after its worker's last heartbeat) and retried, or, when the failover lost its
+        # job, queued again by the janitor (90 s after it was last seen alive): a deadline
+        # for those, not a timing (the 30 s bound is the 201 above).
         wait_for(all_ready, 240, "not every accepted image became ready")
         for watcher in watchers:
             assert watcher.thread is not None

@@ -197,11 +197,12 @@ WEB, WORKER, ADMIN = {"web"}, {"worker"}, {"admin janitor", "admin rebuild"}
         ("REDIS_URL", "localhost:6379", WEB | WORKER | ADMIN),
         ("PICSTREAM_REDIS_TIMEOUT", "soon", WEB | WORKER | ADMIN),
         ("PICSTREAM_LOG_LEVEL", "chatty", WEB | WORKER | ADMIN),
-        # The queues: whoever queues or runs jobs (admin rebuild and migrate queue them).
-        ("PICSTREAM_QUEUE", "no spaces", WEB | WORKER | {"admin rebuild"}),
-        ("PICSTREAM_WEBHOOK_QUEUE", "convert", WEB | WORKER | {"admin rebuild"}),
-        ("PICSTREAM_RETRY_INTERVALS", "5,x", WEB | WORKER | {"admin rebuild"}),
-        ("PICSTREAM_JOB_TIMEOUT", "0", WEB | WORKER | {"admin rebuild"}),
+        # The queues: whoever queues or runs jobs (admin rebuild and migrate queue them, the
+        # janitor queues lost conversions again).
+        ("PICSTREAM_QUEUE", "no spaces", WEB | WORKER | ADMIN),
+        ("PICSTREAM_WEBHOOK_QUEUE", "convert", WEB | WORKER | ADMIN),
+        ("PICSTREAM_RETRY_INTERVALS", "5,x", WEB | WORKER | ADMIN),
+        ("PICSTREAM_JOB_TIMEOUT", "0", WEB | WORKER | ADMIN),
         # The web alone.
         ("PICSTREAM_WEB_THREADS", "abc", WEB),
         ("PICSTREAM_CORS_ORIGINS", "https://app.example.com/", WEB),
