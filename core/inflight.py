@@ -13,18 +13,19 @@ image would stay `processing` for ever:
 So every conversion queued (core/jobs.py `enqueue_convert`) also enters `INFLIGHT` in the
 same transaction, and leaves it in the transaction that ends its run (worker/jobs.py). The
 janitor (`requeue_lost`) looks at the members not seen alive for `lost_after` seconds; one
-whose rq job is alive nowhere, and whose record still wants the set, is queued again — in
-one transaction with that check of the record. A conversion is idempotent and a duplicate
-of a live one ends as "already finished" (worker/jobs.py), so a false alarm costs one
-conversion and never data. One that no record wants any more just leaves the set.
+whose rq job two sweeps at least CONFIRM_AFTER apart found alive nowhere (not in its queue,
+not scheduled for a retry, no recent heartbeat), and whose record still wants the set, is
+queued again. A duplicate of a live conversion is harmless: it keeps the variants the other
+run made ready, the first run to find every variant made ends the run, and the other then
+finds it ended (worker/jobs.py) — so a false alarm costs one conversion, never data. A
+flight no record wants any more (deleted, re-uploaded, reconverted) just leaves the set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
@@ -34,8 +35,9 @@ from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
+from rq.utils import as_text
 
-from core.errors import PicstreamError
+from core.errors import NotFound, PicstreamError
 from core.models import ImageRecord
 from core.records import NS, Records
 
@@ -43,7 +45,13 @@ log = logging.getLogger(__name__)
 
 INFLIGHT = f"{NS}:inflight"  # sorted set: flight -> when last seen alive (Unix seconds)
 INFLIGHT_JOBS = f"{NS}:inflight:jobs"  # hash: flight -> JSON [queue name, rq job id]
+SUSPECTS = f"{NS}:inflight:suspects"  # hash: flight -> JSON [rq job id, first found dead]
 BATCH = 500  # flights looked at per sweep: a sweep stays short behind any backlog
+# A flight is lost when found dead twice this far apart: rq moves a job between its queue
+# and its registries in several writes (BLPOP, then the registration; a retry's status, then
+# its schedule), and a sweep may read it in between once.
+CONFIRM_AFTER = 30.0
+LPOS_LIMIT = 100_000
 # A started job is alive while rq's heartbeats for it are this recent; rq itself hands on a
 # dead worker's job about a minute after its last heartbeat, and is left to do so.
 LOST_FLOOR = 90.0
@@ -71,16 +79,26 @@ class Flight:
         return cls(str(owner), str(image_id), str(gen), str(vset))
 
 
+# ZADD with Redis' own clock, which the janitor compares against: the hosts' clocks never
+# matter (scripts may call TIME before writing: effects replication, Redis >= 5).
+_ZADD_NOW = (
+    "local t = redis.call('TIME') "
+    "return redis.call('ZADD', KEYS[1], t[1] + t[2] / 1000000, ARGV[1])"
+)
+
+
 def took_off(pipe: Pipeline, flight: Flight, queue: str, job_id: str) -> None:
     """In the transaction that queues the flight's job."""
-    pipe.zadd(INFLIGHT, {flight.member: time.time()})
+    pipe.eval(_ZADD_NOW, 1, INFLIGHT, flight.member)
     pipe.hset(INFLIGHT_JOBS, flight.member, json.dumps([queue, job_id]))
+    pipe.hdel(SUSPECTS, flight.member)
 
 
 def landed(pipe: Pipeline, flight: Flight) -> None:
     """In the transaction that ends the flight's run (ready, failed, or handed over)."""
     pipe.zrem(INFLIGHT, flight.member)
     pipe.hdel(INFLIGHT_JOBS, flight.member)
+    pipe.hdel(SUSPECTS, flight.member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +113,8 @@ class Requeue:
 
     @staticmethod
     def lost_after_for(janitor_interval: float) -> float:
-        # Two sweeps apart at least: a job caught between rq's BLPOP and its registration
-        # (milliseconds) was seen alive by the sweep before, so it is never a candidate.
+        # A flight seen alive is looked at again only after this long: a long queue costs
+        # one look per flight every other sweep at most.
         return max(LOST_FLOOR, 2 * janitor_interval)
 
 
@@ -108,8 +126,9 @@ def in_flight(redis: Redis) -> list[Flight]:
 
 def requeue_lost(records: Records, requeue: Requeue, now: float | None = None) -> int:
     """Queue again the conversions whose job rq lost (see the module docstring); return how
-    many. Flights seen alive are marked so; flights no record wants any more leave. `now`
-    (Unix seconds) lets a test act as if later; by default Redis' clock, the same for every
+    many. A flight is lost when two sweeps CONFIRM_AFTER apart found its job alive nowhere;
+    flights seen alive are marked so; flights no record wants any more leave. `now` (Unix
+    seconds) lets a test act as if later; by default Redis' clock, the same for every
     host's janitor."""
     redis = records.redis
     now = _server_time(redis) if now is None else now
@@ -118,18 +137,33 @@ def requeue_lost(records: Records, requeue: Requeue, now: float | None = None) -
     if not members:
         return 0
     jobs = cast(list[bytes | None], redis.hmget(INFLIGHT_JOBS, members))
-    where = [_job_of(raw, requeue.default_queue) for raw in jobs]
-    alive = _alive(redis, where, cutoff)
-    seen = {m: now for m, ok in zip(members, alive, strict=True) if ok}
-    if seen:
-        redis.zadd(INFLIGHT, seen, xx=True)
+    suspects = cast(list[bytes | None], redis.hmget(SUSPECTS, members))
+    seen: list[bytes] = []
     requeued = 0
-    for member, (queue, _), ok in zip(members, where, alive, strict=True):
+    for member, job, suspect in zip(members, jobs, suspects, strict=True):
         flight = Flight.parse(member)
         if flight is None:
             _drop(redis, member)
-        elif not ok:
+            continue
+        queue, job_id = _job_of(job, requeue.default_queue)
+        if _alive(redis, queue, job_id, cutoff):
+            seen.append(member)
+            continue
+        if not _wanted(records, flight):
+            _drop(redis, member)  # deleted, re-uploaded or reconverted: nothing to make
+            continue
+        since = _suspect_since(suspect, job_id)
+        if since is None:
+            redis.hset(SUSPECTS, member, json.dumps([job_id, now]))
+        elif now - since >= CONFIRM_AFTER and redis.hdel(SUSPECTS, member) == 1:
+            # Claimed: of janitors that overlap (a sweep past its lock, `picstream-admin
+            # janitor`), the one whose HDEL removed the suspicion queues the job again.
             requeued += _requeue_one(records, requeue, flight, queue)
+    if seen:
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(INFLIGHT, dict.fromkeys(seen, now), xx=True)
+            pipe.hdel(SUSPECTS, *seen)
+            pipe.execute()
     return requeued
 
 
@@ -141,35 +175,65 @@ def _job_of(raw: bytes | None, default_queue: str) -> tuple[str, str]:
         return default_queue, ""
 
 
-def _alive(redis: Redis, where: Sequence[tuple[str, str]], beat_after: float) -> list[bool]:
-    """Whether rq holds each job somewhere it will run from: read in one transaction, so a
-    job moving between its queue and a registry meanwhile is seen in one place or the other."""
-    with redis.pipeline(transaction=True) as pipe:
-        for queue_name, job_id in where:
-            queue = Queue(queue_name, connection=redis)
-            pipe.hmget(Job.key_for(job_id or "-"), "status", "last_heartbeat")
-            pipe.lpos(queue.key, job_id or "-")
-            pipe.lpos(queue.intermediate_queue_key, job_id or "-")
-            pipe.zscore(ScheduledJobRegistry(queue=queue).key, job_id or "-")  # type: ignore[no-untyped-call]
-        answers = pipe.execute()
-    alive = []
-    for i in range(len(where)):
-        (status, beat), queued, taken, scheduled = answers[4 * i : 4 * i + 4]
-        if queued is not None or taken is not None or scheduled is not None:
-            alive.append(True)
-        else:
-            alive.append(status == JobStatus.STARTED.encode() and _beat(beat) > beat_after)
-    return alive
+def _suspect_since(raw: bytes | None, job_id: str) -> float | None:
+    """When a sweep first found this very job alive nowhere (None: not yet, or another job)."""
+    if raw is None:
+        return None
+    try:
+        suspected, since = json.loads(raw)
+        return float(since) if suspected == job_id else None
+    except (ValueError, TypeError):
+        return None
 
 
-def _beat(raw: bytes | None) -> float:
+def _alive(redis: Redis, queue_name: str, job_id: str, beat_after: float) -> bool:
+    """Whether rq holds the job somewhere it will run from, or a worker is on it. Read in
+    several steps: a job moving meanwhile may look dead once, which is why it takes two."""
+    if not job_id:
+        return False
+    status, beat = redis.hmget(Job.key_for(job_id), "status", "last_heartbeat")
+    if _beat(beat) > beat_after:
+        # A worker's heartbeats keep coming: it is on the job whatever status this Redis
+        # holds (a promoted replica may have missed the job's registration, not the beats).
+        return True
+    queue = Queue(queue_name, connection=redis)
+    state = as_text(status) if status is not None else None
+    if state == JobStatus.SCHEDULED:
+        registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
+        return redis.zscore(registry.key, job_id) is not None
+    if state == JobStatus.QUEUED:
+        return _listed(redis, queue.key, job_id) or _listed(
+            redis, queue.intermediate_queue_key, job_id
+        )
+    # Finished or failed while the record still wants the set (the record update, or the
+    # failure callback, was lost), started with no heartbeat for lost_after (rq hands such
+    # a job on itself about a minute after its last one), or gone.
+    return False
+
+
+def _listed(redis: Redis, key: str, job_id: str) -> bool:
+    """Whether the list `key` holds `job_id`. LPOS is O(n) with Redis blocked meanwhile: it
+    looks at the first LPOS_LIMIT entries only, and a job further back counts as listed."""
+    if redis.lpos(key, job_id, maxlen=LPOS_LIMIT) is not None:
+        return True
+    return redis.llen(key) > LPOS_LIMIT
+
+
+def _beat(raw: bytes | str | None) -> float:
     """rq's `last_heartbeat` (UTC, ISO 8601) as Unix seconds; 0 when unset or unreadable."""
     if not raw:
         return 0.0
     try:
-        return datetime.fromisoformat(raw.decode()).replace(tzinfo=UTC).timestamp()
+        return datetime.fromisoformat(as_text(raw)).replace(tzinfo=UTC).timestamp()
     except ValueError:
         return 0.0
+
+
+def _wanted(records: Records, flight: Flight) -> bool:
+    try:
+        return records.get(flight.owner, flight.image_id).wants(flight.gen, flight.vset)
+    except NotFound:
+        return False
 
 
 class _NotWanted(Exception):
@@ -209,6 +273,7 @@ def _drop(redis: Redis, member: bytes | str) -> None:
     with redis.pipeline(transaction=True) as pipe:
         pipe.zrem(INFLIGHT, member)
         pipe.hdel(INFLIGHT_JOBS, member)
+        pipe.hdel(SUSPECTS, member)
         pipe.execute()
 
 

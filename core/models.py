@@ -173,12 +173,13 @@ class ImageRecord:
         return self.pending is not None and all(v.status != "pending" for v in self.variants)
 
     def wants(self, gen: str, vset: str) -> bool:
-        """Whether a conversion of set `vset` of incarnation `gen` still has work to do
-        here: the current set's unfinished run, or the reconversion's pending set."""
+        """Whether set `vset` of incarnation `gen` still needs converting: the current set
+        while the image is `processing` with no reconversion under way (that replaces it),
+        or the reconversion's pending set."""
         if gen != self.gen:
             return False
         if vset == self.vset:
-            return not self.run_ended()
+            return self.status == "processing" and self.pending is None
         return self.pending is not None and self.pending.vset == vset
 
     @property

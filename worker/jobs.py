@@ -274,7 +274,11 @@ class ImageJob:
 
         def start(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
-            wanted = planned(conversion.plan)
+            # A variant another run of this set already made stays ready (this run makes it
+            # again, the same): a duplicate starting beside a live run (a retry or a requeue
+            # after a false alarm) must not send its variants back to `pending`.
+            made = {v.name: v for v in self._set_of(record, target) if v.status == "ready"}
+            wanted = tuple(made.get(v.name, v) for v in planned(conversion.plan))
             record = replace(
                 record,
                 width=conversion.width,
@@ -308,16 +312,24 @@ class ImageJob:
 
     def _finish(self) -> None:
         replaced: list[str] = []
-
         ended: list[str] = []  # the run ended here (metrics)
+        others: list[bool] = []  # another run of this set still has variants to make
 
         def finish(record: ImageRecord) -> ImageRecord:
             target = self._target(record)
             replaced.clear()
             ended.clear()
+            others.clear()
             if target == "current" and record.pending is not None:
                 return record  # a reconversion is under way: it ends this image's run
-            status, error = _outcome(self._set_of(record, target))
+            variants = self._set_of(record, target)
+            if any(v.status == "pending" for v in variants):
+                # Planned by another run of this set (started after this one, with a newer
+                # profiles file): that run ends it; should it die, the set stays in flight
+                # and the janitor queues it again (core/inflight.py).
+                others.append(True)
+                return record
+            status, error = _outcome(variants)
             ended.append(status)
             if target == "pending":
                 assert record.pending is not None
@@ -326,7 +338,8 @@ class ImageJob:
             return replace(record, status=status, error=error)
 
         def also(pipe: Pipeline, record: ImageRecord) -> None:
-            landed(pipe, self.flight)
+            if not others:
+                landed(pipe, self.flight)
             if record.status != "processing":
                 self._final_events(pipe, record)
             for old in replaced:

@@ -1,42 +1,49 @@
 """A conversion whose rq job was lost is queued again by the janitor (core/inflight.py).
 
 Each test puts Redis in the state a fault leaves (a worker that took the job and died
-before registering it; a failover to a replica that missed the record's last update) with
-rq's own operations, then runs a janitor sweep and the jobs, and looks at what a client
-sees: the image's status and variants, and what is queued.
+before registering it; a failover to a replica that missed the job's registration or the
+record's last update) with rq's own operations, then runs janitor sweeps (as if later:
+`now`) and the jobs, and looks at what a client sees: the image's status and variants, and
+what is queued.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import falcon.testing
+import pytest
 from redis import Redis
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from core import janitor
-from core.inflight import INFLIGHT, LOST_FLOOR, in_flight
+from core import inflight, janitor
+from core.events import events_key
+from core.inflight import CONFIRM_AFTER, INFLIGHT, LOST_FLOOR, in_flight
 from core.jobs import requeue_for
 from core.records import Records
 from core.settings import Settings
 from core.storage import Store
 from tests import pixels
 from tests.integration.conftest import ALICE_KEY
+from worker.jobs import ImageJob, current_profiles
+from worker.services import JobServices
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
-LATER = 100.0  # the sweeps below act as if this many seconds had passed
-LOST_AFTER = LOST_FLOOR  # a flight not seen alive for this long is lost
+LATER = 100.0  # the first sweep acts as if this many seconds had passed: past LOST_AFTER
+LOST_AFTER = LOST_FLOOR  # a flight not seen alive for this long is looked at
+CONFIRMED = LATER + CONFIRM_AFTER  # the sweep that finds it dead a second time
 
 
 def upload(client: falcon.testing.TestClient) -> str:
-    resp = client.simulate_post(
-        "/v1/images", body=pixels.save(pixels.marked(), "JPEG"), headers=AS_ALICE
-    )
+    body = pixels.save(pixels.marked(), "JPEG")
+    resp = client.simulate_post("/v1/images", body=body, headers=AS_ALICE)
     assert resp.status_code == 201, resp.text
     return str(resp.json["id"])
 
@@ -46,10 +53,18 @@ def image(client: falcon.testing.TestClient, image_id: str) -> dict[str, Any]:
     return dict(resp.json) if resp.status_code == 200 else {"status": resp.status_code}
 
 
-def sweep(store: Store, redis_client: Redis, settings: Settings) -> int:
-    """One janitor sweep as the workers run it, as if LATER seconds had passed."""
-    requeue = requeue_for(redis_client, settings)  # as `picstream-admin janitor` sweeps
-    done = janitor.run_once(store, Records(redis_client), time.time() + LATER, requeue)
+def assert_converted(client: falcon.testing.TestClient, redis_client: Redis, image_id: str) -> None:
+    record = image(client, image_id)
+    assert record["status"] == "ready", record
+    assert record["variants"] and all(v["status"] == "ready" for v in record["variants"])
+    assert in_flight(redis_client) == []  # its run ended: nothing for the janitor to watch
+
+
+def sweep(store: Store, redis_client: Redis, settings: Settings, later: float) -> int:
+    """One janitor sweep, as `picstream-admin janitor` runs it, `later` seconds from now;
+    how many conversions it queued again."""
+    requeue = requeue_for(redis_client, settings)
+    done = janitor.run_once(store, Records(redis_client), time.time() + later, requeue)
     return done.requeued
 
 
@@ -58,9 +73,10 @@ def queued(redis_client: Redis, settings: Settings) -> list[Job]:
     return queue.get_jobs()
 
 
-def lose_the_job(redis_client: Redis, settings: Settings) -> Job:
-    """What a worker killed between taking the job (BLPOP, as rq does when it listens on
-    several queues) and registering it leaves: the job is in no queue and no registry."""
+def take_the_job(redis_client: Redis, settings: Settings) -> Job:
+    """What an rq worker listening on several queues does first: BLPOP the job id (it
+    registers the job as started in a later write). A worker killed right after, or a
+    failover to a replica that has this write and not the next, leaves the job nowhere."""
     queue = Queue(settings.queue, connection=redis_client, serializer=JSONSerializer)
     job_id = redis_client.lpop(queue.key)
     assert job_id is not None
@@ -75,17 +91,30 @@ def test_a_job_lost_by_a_dying_worker_is_queued_again_and_the_image_ends_ready(
     settings: Settings,
 ) -> None:
     image_id = upload(client)
-    lose_the_job(redis_client, settings)
+    take_the_job(redis_client, settings)
     run_jobs()
     assert image(client, image_id)["status"] == "processing"  # stuck, as it was before
 
-    assert sweep(store, redis_client, settings) == 1
+    assert sweep(store, redis_client, settings, LATER) == 0  # dead once: suspected
+    assert sweep(store, redis_client, settings, LATER + CONFIRM_AFTER / 2) == 0
+    assert sweep(store, redis_client, settings, CONFIRMED) == 1
     assert len(queued(redis_client, settings)) == 1
     run_jobs()
-    record = image(client, image_id)
-    assert record["status"] == "ready"
-    assert all(v["status"] == "ready" for v in record["variants"])
-    assert in_flight(redis_client) == []  # its run ended: nothing for the janitor to watch
+    assert_converted(client, redis_client, image_id)
+
+
+def test_a_job_caught_between_two_of_rqs_writes_once_is_not_queued_again(
+    client: falcon.testing.TestClient, store: Store, redis_client: Redis, settings: Settings
+) -> None:
+    """A sweep that reads a live job between rq's BLPOP and its registration finds it
+    nowhere, once: by the next sweep it is started, with heartbeats."""
+    upload(client)
+    job = take_the_job(redis_client, settings)
+    assert sweep(store, redis_client, settings, LATER) == 0
+    job.set_status(JobStatus.STARTED)
+    job.heartbeat(datetime.fromtimestamp(time.time() + CONFIRMED - 5, UTC), 60)
+    assert sweep(store, redis_client, settings, CONFIRMED) == 0
+    assert queued(redis_client, settings) == []
 
 
 def test_a_job_waiting_in_its_queue_is_left_alone(
@@ -94,32 +123,35 @@ def test_a_job_waiting_in_its_queue_is_left_alone(
     upload(client)
     upload(client)
     before = [job.id for job in queued(redis_client, settings)]
-    assert sweep(store, redis_client, settings) == 0
+    for later in (LATER, CONFIRMED, CONFIRMED + LOST_AFTER + 1):
+        assert sweep(store, redis_client, settings, later) == 0
     assert [job.id for job in queued(redis_client, settings)] == before
     assert len(in_flight(redis_client)) == 2
-    # Seen alive now: the next sweep within LOST_AFTER does not even look at them.
-    assert sweep(store, redis_client, settings) == 0
 
 
-def test_a_started_job_is_alive_while_its_heartbeats_are_recent(
-    client: falcon.testing.TestClient, store: Store, redis_client: Redis, settings: Settings
+@pytest.mark.parametrize("status", [JobStatus.STARTED, JobStatus.QUEUED])
+def test_a_job_with_recent_heartbeats_is_alive_whatever_its_status(
+    client: falcon.testing.TestClient,
+    store: Store,
+    redis_client: Redis,
+    settings: Settings,
+    status: JobStatus,
 ) -> None:
-    """A job rq marked started whose registration the failover lost: alive while its
-    worker's heartbeats come (it will end the run), lost once they stopped."""
+    """A work-horse converting while the failover lost the job's registration (status
+    `queued` on the promoted replica): its worker's heartbeats still reach the new master.
+    Once they stop for LOST_AFTER, the job is lost."""
     upload(client)
-    job = lose_the_job(redis_client, settings)
-    job.set_status(JobStatus.STARTED)
-    now = time.time() + LATER
-    job.heartbeat(datetime.fromtimestamp(now - 10, UTC), 60)
-    assert sweep(store, redis_client, settings) == 0
+    job = take_the_job(redis_client, settings)
+    job.set_status(status)
+    for later in (LATER, CONFIRMED):
+        job.heartbeat(datetime.fromtimestamp(time.time() + later - 5, UTC), 60)
+        assert sweep(store, redis_client, settings, later) == 0
     assert queued(redis_client, settings) == []
 
-    job.heartbeat(datetime.fromtimestamp(now - LOST_AFTER - 10, UTC), 60)
-    # Seen alive by the sweep before: a candidate again only LOST_AFTER later.
-    assert sweep(store, redis_client, settings) == 0
-    requeue = requeue_for(redis_client, settings)  # as `picstream-admin janitor` sweeps
-    later = janitor.run_once(store, Records(redis_client), now + LOST_AFTER + 1, requeue)
-    assert later.requeued == 1
+    # The heartbeats stopped: found dead a LOST_AFTER after the last sighting, and again.
+    gone = CONFIRMED + LOST_AFTER + 1
+    assert sweep(store, redis_client, settings, gone) == 0
+    assert sweep(store, redis_client, settings, gone + CONFIRM_AFTER) == 1
     assert len(queued(redis_client, settings)) == 1
 
 
@@ -133,8 +165,7 @@ def test_a_finished_job_whose_record_update_was_lost_is_converted_again(
     """A failover to a replica that missed the job's last record update, while rq's
     bookkeeping (job finished) reached the new master: the record says `processing`."""
     image_id = upload(client)
-    records = Records(redis_client)
-    accepted = records.get("alice", image_id)
+    accepted = Records(redis_client).get("alice", image_id)
     flights = in_flight(redis_client)
     run_jobs()
     assert image(client, image_id)["status"] == "ready"
@@ -147,22 +178,89 @@ def test_a_finished_job_whose_record_update_was_lost_is_converted_again(
         pipe.execute()
     assert image(client, image_id)["status"] == "processing"
 
-    assert sweep(store, redis_client, settings) == 1
+    assert sweep(store, redis_client, settings, LATER) == 0
+    assert sweep(store, redis_client, settings, CONFIRMED) == 1
     run_jobs()
-    record = image(client, image_id)
-    assert record["status"] == "ready"
-    assert all(v["status"] == "ready" for v in record["variants"])
-    assert in_flight(redis_client) == []
+    assert_converted(client, redis_client, image_id)
 
 
 def test_a_lost_job_of_a_deleted_image_is_not_queued_again(
     client: falcon.testing.TestClient, store: Store, redis_client: Redis, settings: Settings
 ) -> None:
     image_id = upload(client)
-    lose_the_job(redis_client, settings)
+    take_the_job(redis_client, settings)
     resp = client.simulate_delete(f"/v1/images/{image_id}", headers=AS_ALICE)
     assert resp.status_code == 204
-    assert sweep(store, redis_client, settings) == 0
+    assert sweep(store, redis_client, settings, LATER) == 0
+    assert in_flight(redis_client) == []  # left at the first look: nothing wants it
     assert queued(redis_client, settings) == []
-    assert in_flight(redis_client) == []
     assert image(client, image_id) == {"status": 404}
+
+
+def test_overlapping_janitors_queue_a_lost_job_again_once(
+    client: falcon.testing.TestClient,
+    store: Store,
+    redis_client: Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep that outlives its lock, or `picstream-admin janitor` beside the workers':
+    both find the job lost, one queues it again."""
+    upload(client)
+    take_the_job(redis_client, settings)
+    records = Records(redis_client)
+    requeue = requeue_for(redis_client, settings)
+    now = time.time()
+    assert inflight.requeue_lost(records, requeue, now + LATER) == 0
+    real_alive = inflight._alive
+    nested: list[int] = []
+
+    def alive_then_the_other_janitor(*args: Any) -> bool:
+        seen = real_alive(*args)
+        if not nested:  # the other janitor runs its whole sweep right here
+            nested.append(0)
+            nested[0] = inflight.requeue_lost(records, requeue, now + CONFIRMED)
+        return seen
+
+    monkeypatch.setattr(inflight, "_alive", alive_then_the_other_janitor)
+    assert inflight.requeue_lost(records, requeue, now + CONFIRMED) + sum(nested) == 1
+    assert len(queued(redis_client, settings)) == 1
+
+
+def test_a_duplicate_beside_a_live_conversion_leaves_the_image_ready(
+    client: falcon.testing.TestClient,
+    redis_client: Redis,
+    configure_jobs: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A false alarm's duplicate (or rq's retry of a job whose worker it wrongly took for
+    dead) starts while the first run is finishing: neither sends the other's variants back
+    to `pending`, and the image ends `ready`, once."""
+    image_id = upload(client)
+    record = Records(redis_client).get("alice", image_id)
+    services = JobServices.current()
+    first = ImageJob(services, "alice", image_id, record.gen, record.vset)
+    duplicate = ImageJob(services, "alice", image_id, record.gen, record.vset)
+    real_finish = ImageJob._finish
+
+    def finish(self: ImageJob) -> None:
+        if self is first:  # the duplicate has decoded the original and starts now
+            current = services.records.get("alice", image_id)
+            profile = current_profiles(duplicate.conversion).require(current.profile)
+            with tempfile.TemporaryDirectory() as tmp:
+                conversion = duplicate._open(os.path.join(tmp, "original"), current, profile)
+                assert conversion is not None
+                duplicate._start(conversion)
+        real_finish(self)
+
+    monkeypatch.setattr(ImageJob, "_finish", finish)
+    first.run()
+    duplicate.run()
+    assert_converted(client, redis_client, image_id)
+    finals = [e for e in events(redis_client, record.gen, image_id) if e["type"] == "status"]
+    assert [e["status"] for e in finals].count("ready") == 1  # one final event
+
+
+def events(redis_client: Redis, gen: str, image_id: str) -> list[dict[str, str]]:
+    entries = redis_client.xrange(events_key("alice", image_id, gen))
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
