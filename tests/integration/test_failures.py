@@ -13,6 +13,7 @@ from redis import Redis
 from core import janitor
 from core.errors import StorageUnavailable
 from core.ingest import Ingest, Limits, ReadSource
+from core.leases import expired_multipart
 from core.records import Records
 from core.settings import Settings
 from core.sink import ObjectSink
@@ -74,9 +75,16 @@ def test_store_going_away_mid_upload_is_a_503(
 
     def pieces() -> Iterator[bytes]:
         for piece in body:
-            # The store goes away once a multipart upload is under way (its first part has
-            # gone out), well before the body ends.
-            if not started and (under_way := store.incomplete_uploads()):
+            # The store goes away once a multipart upload is under way, well before the body
+            # ends: the web process has its id (registered, for the janitor) and the store
+            # lists it. Not as soon as the store lists it: a cut then can take the answer
+            # to CreateMultipartUpload with it, and an upload whose id the web process never
+            # learnt is the stale-upload sweep's, a day later.
+            if (
+                not started
+                and expired_multipart(redis_client, now_ms=2**62)
+                and (under_way := store.incomplete_uploads())
+            ):
                 started.extend(under_way)
                 s3_outage.cut()
             yield piece
