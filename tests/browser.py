@@ -35,7 +35,7 @@ from blake3 import blake3
 from PIL import Image
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright
 
-from tests.faults import Outage
+from tests.faults import Outage, pump
 from tests.http import Api
 from tests.servers import Server
 
@@ -215,7 +215,7 @@ class Tripwire(Outage):
         upstream = self._connect(client)
         if upstream is None:
             return
-        down = threading.Thread(target=_relay, args=(upstream, client), daemon=True)
+        down = threading.Thread(target=pump, args=(upstream, client), daemon=True)
         down.start()
         threading.Thread(target=self._up, args=(client, upstream, down), daemon=True).start()
 
@@ -238,17 +238,6 @@ class Tripwire(Outage):
         finally:
             with contextlib.suppress(OSError):
                 upstream.shutdown(socket.SHUT_WR)
-
-
-def _relay(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while chunk := src.recv(65536):
-            dst.sendall(chunk)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
 
 
 # ---------------------------------------------------------------------------- the API side

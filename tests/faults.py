@@ -104,10 +104,11 @@ class Outage(Forwarder):
         if upstream is None:
             return
         for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=pump, args=(src, dst), daemon=True).start()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy `src` to `dst` until either ends, then half-close `dst`."""
     try:
         while chunk := src.recv(65536):
             dst.sendall(chunk)

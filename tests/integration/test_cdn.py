@@ -22,28 +22,12 @@ from tests import servers
 from tests.http import Api, Event, EventReader, Response
 from tests.images import png
 from tests.integration.conftest import ALICE_KEY
+from tests.links import converted, local
 
 ClientWith = Callable[..., falcon.testing.TestClient]
 AS_ALICE = {"Authorization": f"Bearer {ALICE_KEY}"}
 IMMUTABLE = "private, max-age=31536000, immutable"
 REVALIDATE = "private, no-cache"
-
-
-def converted(client: falcon.testing.TestClient, run_jobs: Callable[[], None]) -> dict[str, Any]:
-    """`holiday-1`, converted, with signed links valid for 10 minutes."""
-    put = client.simulate_put("/v1/images/holiday-1", body=png(40, 30), headers=AS_ALICE)
-    assert put.status_code == 201, put.text
-    run_jobs()
-    record: dict[str, Any] = client.simulate_get(
-        "/v1/images/holiday-1", headers=AS_ALICE, query_string="signed=600"
-    ).json
-    assert record["status"] == "ready", record
-    return record
-
-
-def local(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.path}?{parts.query}" if parts.query else parts.path
 
 
 def expires_of(url: str) -> int:

@@ -22,6 +22,7 @@ from tests import servers
 from tests.http import Api, Response
 from tests.images import png
 from tests.integration.conftest import ALICE_KEY
+from tests.links import converted, local
 
 ClientWith = Callable[..., falcon.testing.TestClient]
 
@@ -102,24 +103,6 @@ def cors(client_with: ClientWith) -> falcon.testing.TestClient:
 def anyone(client_with: ClientWith) -> falcon.testing.TestClient:
     """Any origin may read signed links; APP may do everything."""
     return client_with(PICSTREAM_CORS_ORIGINS=f"*,{APP}")
-
-
-def converted(client: falcon.testing.TestClient, run_jobs: Callable[[], None]) -> dict[str, Any]:
-    """`holiday-1`, converted, with signed links valid for 10 minutes."""
-    put = client.simulate_put("/v1/images/holiday-1", body=png(40, 30), headers=AS_ALICE)
-    assert put.status_code == 201, put.text
-    run_jobs()
-    record: dict[str, Any] = client.simulate_get(
-        "/v1/images/holiday-1", headers=AS_ALICE, query_string="signed=600"
-    ).json
-    assert record["status"] == "ready", record
-    return record
-
-
-def local(url: str) -> str:
-    """A link from a record as a path and query (the in-process app's host is made up)."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.path}?{parts.query}" if parts.query else parts.path
 
 
 # --- preflights ----------------------------------------------------------------------------
