@@ -40,7 +40,7 @@ from core.models import (
     utc_now,
 )
 from core.profiles import Profile
-from core.records import Records
+from core.records import Records, image_key
 from core.settings import Settings
 from core.sink import ObjectSink
 from core.storage import Store
@@ -106,9 +106,10 @@ class Uploads:
         (api/body.py `UploadBody.annotations`)."""
         uploads = self._within(limits)
         uploads._check_envelope(body)
-        image_id = new_image_id()
-        with self.leases.hold(owner, image_id) as lease:
-            return uploads._store_new(lease, body, digests, profile, callback, annotations)
+        keys = ObjectKeys(owner, new_image_id(), new_generation())
+        # The guard comes with the lease: purged unless committed, even if this process dies.
+        with self.leases.hold(owner, keys.image_id, guard=keys.prefix) as lease:
+            return uploads._store_new(lease, keys, body, digests, profile, callback, annotations)
 
     def put(
         self,
@@ -130,11 +131,14 @@ class Uploads:
         uploads._check_envelope(body)
         records = self.records
         if not records.exists(owner, image_id):
-            with self.leases.hold(owner, image_id) as lease:
-                # Re-check under the lease: a concurrent PUT may have just committed.
-                if not records.exists(owner, image_id):
+            keys = ObjectKeys(owner, image_id, new_generation())
+            committed = image_key(owner, image_id)
+            # Re-checked as the lease is taken (`unless`): a concurrent PUT may have just
+            # committed. The guard comes with the lease unless it has.
+            with self.leases.hold(owner, image_id, keys.prefix, unless=committed) as lease:
+                if not lease.found:
                     stored = uploads._store_new(
-                        lease, body, digests, profile, callback, annotations
+                        lease, keys, body, digests, profile, callback, annotations
                     )
                     return stored, True
         existing = records.get(owner, image_id)
@@ -152,16 +156,17 @@ class Uploads:
     def _store_new(
         self,
         lease: UploadLease,
+        keys: ObjectKeys,
         body: UploadBody,
         digests: Mapping[str, bytes],
         profile: Profile,
         callback: str | None,
         given: Annotations,
     ) -> ImageRecord:
-        owner, image_id = lease.owner, lease.image_id
-        keys = ObjectKeys(owner, image_id, new_generation())
+        """Store and commit a new incarnation `keys`, whose guard `lease` set as it was
+        taken (core/leases.py)."""
+        owner, image_id = keys.owner, keys.image_id
         vset = new_generation()
-        lease.guard(keys.prefix)  # purged unless committed, even if this process dies
         meta = {META_OWNER: owner, META_ID: image_id, META_GEN: keys.gen}
         made: list[ImageRecord] = []
 

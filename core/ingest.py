@@ -31,6 +31,8 @@ from core.sniff import NeedMore, Sniffed, sniff
 
 READ_SIZE = 1024 * 1024
 _MIN_GROWTH = 64 * 1024
+# What is read while the head is sniffed: the most a rejected body has read of it.
+_HEAD_READ = 16 * 1024
 
 
 class Source(Protocol):
@@ -179,7 +181,10 @@ class Ingest:
                     window[:] = ahead
                 part.pos += len(ahead)
                 continue
-            want = need - part.pos if sniffed is None else READ_SIZE
+            # While sniffing, a head's worth at once: asking for exactly what the sniffer
+            # wants next took 8 reads and sniffs of a plain 1 MB JPEG's head.
+            head = max(need, min(_HEAD_READ, self.limits.max_head))
+            want = head - part.pos if sniffed is None else READ_SIZE
             size = min(want, part.limit - part.pos, READ_SIZE)
             if self.declared_size is not None:
                 # Its buffer was allocated to the declared length: asking for more would grow

@@ -21,7 +21,8 @@ An upload holds one lease from before its first S3 call until its commit:
   transaction. The objects of an upload that never committed — its process killed between
   storing the original and committing — are deleted by the janitor, and `rebuild` never
   brings such an upload back. Lease expiry and guard are set in one script, on Redis's
-  clock, so a late renewal can never leave the guard due while the lease still lives.
+  clock, so a late renewal can never leave the guard due while the lease still lives; a
+  plain upload takes its lease and sets its guard in one script too (one round trip).
 """
 
 from __future__ import annotations
@@ -90,6 +91,27 @@ end
 return 0
 """
 )
+# Acquire: take the lease (KEYS[1]) unless another upload holds it: 0. A retry of an acquire
+# that was applied finds its own token: taken. With a record key (KEYS[3]) that exists: 2,
+# the lease held and no guard set. Then the guard (member ARGV[3], unless ''), due as
+# `_GUARD` has it: 1.
+_ACQUIRE = """
+local held = redis.call('GET', KEYS[1])
+if held == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif held ~= ARGV[1] then
+  return 0
+end
+if #KEYS > 2 and redis.call('EXISTS', KEYS[3]) == 1 then
+  return 2
+end
+if ARGV[3] ~= '' then
+  local now = redis.call('TIME')
+  local due = tonumber(now[1]) + tonumber(now[2]) / 1e6 + ARGV[2] / 1000 + tonumber(ARGV[4])
+  redis.call('ZADD', KEYS[2], due, ARGV[3])
+end
+return 1
+"""
 # Release: delete the lease only while it is still ours (frozen or not).
 _RELEASE = """
 local held = redis.call('GET', KEYS[1])
@@ -119,13 +141,28 @@ class UploadLease:
         self.lost = False
         self.frozen = False  # set by the commit: no renewal may extend the fence
         self.spent = False  # the commit deleted the lease with its write: nothing to release
+        self.found = False  # `acquire` found the record it was told to look for
         self._lock = threading.Lock()
 
-    def acquire(self) -> bool:
+    def acquire(self, guard: str = "", unless: str = "") -> bool:
+        """Take the lease; False when another upload holds it. With `guard` (this upload's
+        incarnation's prefix), the deletion of everything under it is scheduled for after
+        the lease, in the same round trip; the commit cancels it (core/records.py `commit`).
+        With `unless` (a record's key) that exists, the lease is taken, no guard is set and
+        `found` says so."""
+        member = Purge(guard, 0.0).member() if guard else ""
+        keys = (self.key, PURGES_KEY, unless) if unless else (self.key, PURGES_KEY)
+        args = (self.token, self.ttl_ms, member, GUARD_MARGIN)
         try:
-            return bool(self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms))
+            taken = self.redis.eval(_ACQUIRE, len(keys), *keys, *args)
         except redis.RedisError as exc:
             raise QueueUnavailable(f"id reservation failed: Redis {type(exc).__name__}") from exc
+        if taken == 2:
+            self.found = True
+        elif taken == 1 and member:
+            with self._lock:
+                self.guarded = member
+        return bool(taken)
 
     def renew(self) -> None:
         """Extend the lease and the multipart registrations (keeper thread)."""
@@ -154,18 +191,6 @@ class UploadLease:
 
     def _script_args(self, ms: int) -> tuple[str | int | float, ...]:
         return (self.key, PURGES_KEY, self.token, ms, self.guarded, GUARD_MARGIN)
-
-    def guard(self, prefix: str) -> None:
-        """Schedule the deletion of everything under `prefix` (this upload's incarnation)
-        for after the lease; the commit cancels it (core/records.py `commit`)."""
-        member = Purge(prefix, 0.0).member()
-        due = time.time() + self.ttl_ms / 1000 + GUARD_MARGIN  # after the lease it follows
-        try:
-            self.redis.zadd(PURGES_KEY, {member: due})
-        except redis.RedisError as exc:
-            raise QueueUnavailable(f"upload registration failed: {type(exc).__name__}") from exc
-        with self._lock:
-            self.guarded = member
 
     def unguard(self) -> None:
         """Cancel the guard: nothing was ever written under the prefix."""
@@ -227,11 +252,13 @@ class Leases:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def hold(self, owner: str, image_id: str) -> Iterator[UploadLease]:
+    def hold(
+        self, owner: str, image_id: str, guard: str = "", unless: str = ""
+    ) -> Iterator[UploadLease]:
         """The lease on `image_id` for the duration of the block; UploadInProgress if
-        another upload holds it."""
+        another upload holds it. `guard` and `unless` as for `UploadLease.acquire`."""
         lease = UploadLease(self.redis, owner, image_id, self.ttl)
-        if not lease.acquire():
+        if not lease.acquire(guard, unless):
             raise UploadInProgress(f"an upload to image {image_id!r} is already in progress")
         self._track(lease)
         try:

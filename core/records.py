@@ -179,7 +179,8 @@ def redis_errors(action: str) -> Iterator[None]:
         raise QueueUnavailable(f"{action} failed: Redis {type(exc).__name__}") from exc
 
 
-def _image_key(owner: str, image_id: str) -> str:
+def image_key(owner: str, image_id: str) -> str:
+    """The record of an image (core/leases.py looks for it as it takes a lease)."""
     return f"{NS}:image:{owner}:{image_id}"
 
 
@@ -210,14 +211,14 @@ class Records:
     def get(self, owner: str, image_id: str) -> ImageRecord:
         """The record, or NotFound (also for another owner's id: keys are owner-scoped)."""
         with redis_errors("record read"):
-            raw = self.redis.get(_image_key(owner, image_id))
+            raw = self.redis.get(image_key(owner, image_id))
         if raw is None:
             raise NotFound(f"no image {image_id!r}")
         return ImageRecord.from_dict(json.loads(raw))
 
     def exists(self, owner: str, image_id: str) -> bool:
         with redis_errors("record read"):
-            return bool(self.redis.exists(_image_key(owner, image_id)))
+            return bool(self.redis.exists(image_key(owner, image_id)))
 
     def commit(
         self,
@@ -242,7 +243,7 @@ class Records:
         died) is decided like a lost EXEC answer, on whichever master Redis has then.
         Raises Conflict if the id was taken meanwhile, QueueUnavailable if not committed.
         """
-        key = _image_key(record.owner, record.id)
+        key = image_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
         fence_ms = int(fence * 1000)
         with redis_errors("record write"):
@@ -337,7 +338,7 @@ class Records:
         fence has expired, so the EXEC can no longer run) without it, or when Redis stays
         unreachable until `give_up`. After a failover "Redis" is the promoted replica: the
         record is there (the replica had it: durable) or never will be."""
-        key = _image_key(record.owner, record.id)
+        key = image_key(record.owner, record.id)
         while True:
             now = time.monotonic()
             try:
@@ -357,7 +358,7 @@ class Records:
         writes of its own connection, so the record is written again as it is (WATCHed: a
         conversion's update in between means reading it again), then WAITed for; a WAIT
         that falls short takes the commit back. Raises RedisError when Redis fails again."""
-        key = _image_key(record.owner, record.id)
+        key = image_key(record.owner, record.id)
         pinned = _Pinned(self.redis.connection_pool)
         try:
             for _ in range(_MAX_RACES):
@@ -449,7 +450,7 @@ class Records:
     def restore(self, record: ImageRecord, enqueue: Callable[[Pipeline], object] | None) -> bool:
         """Recreate a record from its bucket copy unless the id has a record or an upload
         in progress (then False). Record, index entry and job in one transaction."""
-        key = _image_key(record.owner, record.id)
+        key = image_key(record.owner, record.id)
         lease = lease_key(record.owner, record.id)
         body = json.dumps(record.to_dict(), separators=(",", ":"))
         with redis_errors("record restore"), self.redis.pipeline(transaction=True) as pipe:
@@ -477,7 +478,7 @@ class Records:
         ids = found[:limit]
         with redis_errors("record read"):
             raws = (
-                self.redis.mget([_image_key(owner, image_id) for _, image_id in ids]) if ids else []
+                self.redis.mget([image_key(owner, image_id) for _, image_id in ids]) if ids else []
             )
         records = [ImageRecord.from_dict(json.loads(raw)) for raw in raws if raw is not None]
         return records, (ids[-1] if len(found) > limit else None)
@@ -537,7 +538,7 @@ class Records:
         """Optimistic transaction on one record: WATCH, read, let `write` queue commands
         after MULTI, EXEC; start over when another writer got in between. None when the
         record does not exist."""
-        key = _image_key(owner, image_id)
+        key = image_key(owner, image_id)
         with redis_errors(action), self.redis.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_RACES):
                 try:
