@@ -1,5 +1,5 @@
 """The smallest variant is made, stored and announced first; the others follow as they are
-made, largest first, each announced once, and the final event comes once, last. Jobs run
+made, longest first, each announced once, and the final event comes once, last. Jobs run
 in-process (rq's SimpleWorker) against the real Redis and S3; order is asserted on the
 events in the image's stream, never on timings."""
 
@@ -98,4 +98,28 @@ def test_the_smallest_size_first_then_the_largest(
 
     events = stream(redis_client, record)
     assert variant_events(events) == order
+    assert events[-1]["type"] == "status" and events[-1]["status"] == "ready"
+
+
+def test_an_animation_is_encoded_before_stills_of_its_size(
+    env: dict[str, str],
+    configure_jobs: ConfigureJobs,
+    client_with: Callable[..., falcon.testing.TestClient],
+    redis_client: Redis,
+    run_jobs: Callable[[], None],
+) -> None:
+    """Longest first after the thumbnail size: an 8-frame animated WebP costs more than
+    the still AVIF of its size (an 800 px GIF's animated WebP is most of its conversion)."""
+    overrides = {"PICSTREAM_CONVERT_THREADS": "1"}
+    configure_jobs(Settings.from_env({**env, **overrides}))
+    colours = [(40 * i, 200 - 20 * i, 90) for i in range(8)]
+    first, *rest = [Image.new("RGB", (900, 600), c) for c in colours]
+    out = io.BytesIO()
+    first.save(out, "GIF", save_all=True, append_images=rest, duration=100, loop=0)
+    record = upload(client_with(**overrides), out.getvalue())
+    run_jobs()
+
+    events = stream(redis_client, record)
+    small = ["w256.avif", "w256.webp", "w256.jpg"]
+    assert variant_events(events) == [*small, "w1024.webp", "w1024.avif", "w1024.jpg"]
     assert events[-1]["type"] == "status" and events[-1]["status"] == "ready"
