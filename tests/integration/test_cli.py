@@ -23,7 +23,7 @@ import pytest
 from blake3 import blake3
 
 from tests import images, servers
-from tests.faults import Forwarder, _pump
+from tests.faults import Forwarder, pump
 from tests.http import Api
 from tests.integration.conftest import ALICE_KEY, BOB_KEY, MiB
 
@@ -310,7 +310,7 @@ class Valve(Forwarder):
         upstream = self._connect(client)
         if upstream is None:
             return
-        down = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+        down = threading.Thread(target=pump, args=(upstream, client), daemon=True)
         down.start()
         threading.Thread(target=self._up, args=(client, upstream, down), daemon=True).start()
 
