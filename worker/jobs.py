@@ -114,6 +114,12 @@ class Superseded(Exception):
     """The record is another incarnation now, or no longer wants this job's set."""
 
 
+class Replanned(Exception):
+    """Another run of this very set started since with another plan (the profiles file
+    changed) that lacks a variant this run made: that run owns the set now. Nothing of the
+    set is deleted, the record lists it."""
+
+
 class Ended(Exception):
     """This job's set is the record's current one and its run has already ended: an
     earlier attempt (or a duplicate) finished it, then failed after its final write (the
@@ -169,6 +175,8 @@ class ImageJob:
         except (Superseded, NotFound):
             log.info("%s: superseded (deleted, re-uploaded or reconverted)", self.name)
             self._discard_own()
+        except Replanned:
+            log.info("%s: replanned by another run of this set; leaving the set to it", self.name)
         except Ended:
             # Never a second final event or webhook, never the served variants back to
             # `pending`: only the bucket copy may still be behind.
@@ -301,7 +309,7 @@ class ImageJob:
             target = self._target(record)
             current = self._set_of(record, target)
             if variant.name not in {v.name for v in current}:
-                raise Superseded
+                raise Replanned
             updated = tuple(variant if v.name == variant.name else v for v in current)
             return self._with_set(record, target, updated)
 

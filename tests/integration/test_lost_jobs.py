@@ -27,6 +27,7 @@ from core import inflight, janitor
 from core.events import events_key
 from core.inflight import CONFIRM_AFTER, INFLIGHT, LOST_FLOOR, in_flight
 from core.jobs import requeue_for
+from core.profiles import parse_profiles
 from core.records import Records
 from core.settings import Settings
 from core.storage import Store
@@ -264,3 +265,50 @@ def test_a_duplicate_beside_a_live_conversion_leaves_the_image_ready(
 def events(redis_client: Redis, gen: str, image_id: str) -> list[dict[str, str]]:
     entries = redis_client.xrange(events_key("alice", image_id, gen))
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+SMALLER_PLAN = """
+[profiles.default]
+formats = ["jpeg"]
+widths = [64]
+"""
+
+
+def test_a_run_replanned_by_a_duplicate_leaves_the_set_to_it(
+    client: falcon.testing.TestClient,
+    redis_client: Redis,
+    store: Store,
+    configure_jobs: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The profiles file changed between two runs of one set (a duplicate started while
+    the first ran): the first run's next variant is not in the set any more. It stops and
+    deletes nothing: the set is the other run's, and the image ends `ready` with it."""
+    image_id = upload(client)
+    record = Records(redis_client).get("alice", image_id)
+    services = JobServices.current()
+    first = ImageJob(services, "alice", image_id, record.gen, record.vset)
+    duplicate = ImageJob(services, "alice", image_id, record.gen, record.vset)
+    real_set_variant = ImageJob._set_variant
+
+    def set_variant(self: ImageJob, variant: Any) -> None:
+        if self is first and not getattr(first, "replanned", False):
+            first.replanned = True  # type: ignore[attr-defined]
+            current = services.records.get("alice", image_id)
+            smaller = parse_profiles(SMALLER_PLAN, "test").require(None)
+            with tempfile.TemporaryDirectory() as tmp:
+                conversion = duplicate._open(os.path.join(tmp, "original"), current, smaller)
+                assert conversion is not None
+                duplicate._start(conversion)
+                for made in conversion.render_all(1):  # made and stored, not yet finished
+                    real_set_variant(duplicate, duplicate._store(made))
+        real_set_variant(self, variant)
+
+    monkeypatch.setattr(ImageJob, "_set_variant", set_variant)
+    first.run()
+    duplicate._finish()
+    assert_converted(client, redis_client, image_id)
+    names = [v["name"] for v in image(client, image_id)["variants"]]
+    assert names == ["w64.jpg"]
+    download = client.simulate_get(f"/v1/images/{image_id}/variants/w64.jpg", headers=AS_ALICE)
+    assert download.status_code == 200  # its object is still there
