@@ -87,6 +87,12 @@ _ZADD_NOW = (
 )
 
 
+_SUSPECT = (
+    "if redis.call('ZSCORE', KEYS[1], ARGV[1]) then "
+    "redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end"
+)
+
+
 def took_off(pipe: Pipeline, flight: Flight, queue: str, job_id: str) -> None:
     """In the transaction that queues the flight's job."""
     pipe.eval(_ZADD_NOW, 1, INFLIGHT, flight.member)
@@ -154,7 +160,8 @@ def requeue_lost(records: Records, requeue: Requeue, now: float | None = None) -
             continue
         since = _suspect_since(suspect, job_id)
         if since is None:
-            redis.hset(SUSPECTS, member, json.dumps([job_id, now]))
+            # Only while still in flight: a run that ended meanwhile leaves no suspicion.
+            redis.eval(_SUSPECT, 2, INFLIGHT, SUSPECTS, member, json.dumps([job_id, now]))
         elif now - since >= CONFIRM_AFTER and redis.hdel(SUSPECTS, member) == 1:
             # Claimed: of janitors that overlap (a sweep past its lock, `picstream-admin
             # janitor`), the one whose HDEL removed the suspicion queues the job again.
