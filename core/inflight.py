@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -107,6 +107,10 @@ def landed(pipe: Pipeline, flight: Flight) -> None:
     pipe.hdel(SUSPECTS, flight.member)
 
 
+# Queues a delivery job (queue name, its kwargs, retry waits) in a transaction: its id.
+Redeliver = Callable[[str, dict[str, Any], Sequence[int], Pipeline], str]
+
+
 @dataclass(frozen=True, slots=True)
 class Requeue:
     """How the janitor queues a lost conversion again: `enqueue(queue name, record, vset,
@@ -116,6 +120,8 @@ class Requeue:
     enqueue: Callable[[str, ImageRecord, str, Pipeline], object]
     lost_after: float
     default_queue: str
+    # Queues a lost webhook delivery again (`redeliver_lost`); None: deliveries left alone.
+    redeliver: Redeliver | None = None
 
     @staticmethod
     def lost_after_for(janitor_interval: float) -> float:
@@ -158,13 +164,7 @@ def requeue_lost(records: Records, requeue: Requeue, now: float | None = None) -
         if not _wanted(records, flight):
             _drop(redis, member)  # deleted, re-uploaded or reconverted: nothing to make
             continue
-        since = _suspect_since(suspect, job_id)
-        if since is None:
-            # Only while still in flight: a run that ended meanwhile leaves no suspicion.
-            redis.eval(_SUSPECT, 2, INFLIGHT, SUSPECTS, member, json.dumps([job_id, now]))
-        elif now - since >= CONFIRM_AFTER and redis.hdel(SUSPECTS, member) == 1:
-            # Claimed: of janitors that overlap (a sweep past its lock, `picstream-admin
-            # janitor`), the one whose HDEL removed the suspicion queues the job again.
+        if _confirmed(redis, (INFLIGHT, SUSPECTS), member, job_id, suspect, now):
             requeued += _requeue_one(records, requeue, flight, queue)
     if seen:
         with redis.pipeline(transaction=False) as pipe:
@@ -196,26 +196,34 @@ def _suspect_since(raw: bytes | None, job_id: str) -> float | None:
 def _alive(redis: Redis, queue_name: str, job_id: str, beat_after: float) -> bool:
     """Whether rq holds the job somewhere it will run from, or a worker is on it. Read in
     several steps: a job moving meanwhile may look dead once, which is why it takes two."""
+    return _state(redis, queue_name, job_id, beat_after)[0]
+
+
+def _state(
+    redis: Redis, queue_name: str, job_id: str, beat_after: float
+) -> tuple[bool, str | None]:
+    """(alive as `_alive` says, the job's rq status: None when its hash is gone)."""
     if not job_id:
-        return False
+        return False, None
     status, beat = redis.hmget(Job.key_for(job_id), "status", "last_heartbeat")
+    state = as_text(status) if status is not None else None
     if _beat(beat) > beat_after:
         # A worker's heartbeats keep coming: it is on the job whatever status this Redis
         # holds (a promoted replica may have missed the job's registration, not the beats).
-        return True
+        return True, state
     queue = Queue(queue_name, connection=redis)
-    state = as_text(status) if status is not None else None
     if state == JobStatus.SCHEDULED:
         registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
-        return redis.zscore(registry.key, job_id) is not None
+        return redis.zscore(registry.key, job_id) is not None, state
     if state == JobStatus.QUEUED:
-        return _listed(redis, queue.key, job_id) or _listed(
+        listed = _listed(redis, queue.key, job_id) or _listed(
             redis, queue.intermediate_queue_key, job_id
         )
+        return listed, state
     # Finished or failed while the record still wants the set (the record update, or the
     # failure callback, was lost), started with no heartbeat for lost_after (rq hands such
     # a job on itself about a minute after its last one), or gone.
-    return False
+    return False, state
 
 
 def _listed(redis: Redis, key: str, job_id: str) -> bool:
@@ -288,3 +296,96 @@ def _server_time(redis: Redis) -> float:
     """Redis' clock: every host's janitor compares against the same time."""
     seconds, micros = redis.time()
     return seconds + micros / 1_000_000
+
+
+# ---------------------------------------------------------------------- webhook deliveries
+#
+# A delivery job (core/webhooks.py) can be lost the same ways. It is queued in the
+# transaction of the record's final state, so it is tracked there too, by its job id, with
+# what it takes to queue it again (no record says whether a delivery is still wanted). It
+# leaves when the receiver answered 2xx (worker/webhooks.py), or when the janitor finds rq
+# done with it: finished (delivered), failed (rq's retries spent: not tried again here),
+# or its hash expired after either.
+
+DELIVERIES = f"{NS}:inflight:deliveries"  # sorted set: job id -> when last seen alive
+DELIVERY_JOBS = f"{NS}:inflight:deliveries:jobs"  # hash: job id -> JSON [queue, kwargs, waits]
+DELIVERY_SUSPECTS = f"{NS}:inflight:deliveries:suspects"  # hash: job id -> first found dead
+_DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, None}
+
+
+def delivery_took_off(
+    pipe: Pipeline, queue: str, job_id: str, kwargs: dict[str, Any], intervals: Sequence[int]
+) -> None:
+    """In the transaction that queues the delivery."""
+    pipe.eval(_ZADD_NOW, 1, DELIVERIES, job_id)
+    pipe.hset(DELIVERY_JOBS, job_id, json.dumps([queue, kwargs, list(intervals)]))
+
+
+def delivery_landed(redis: Redis | Pipeline, job_id: str) -> None:
+    """The delivery is done (delivered, or rq is done with it)."""
+    redis.zrem(DELIVERIES, job_id)
+    redis.hdel(DELIVERY_JOBS, job_id)
+    redis.hdel(DELIVERY_SUSPECTS, job_id)
+
+
+def deliveries_in_flight(redis: Redis) -> list[str]:
+    """The job ids of every delivery in flight."""
+    return [as_text(m) for m in cast(list[bytes], redis.zrange(DELIVERIES, 0, -1))]
+
+
+def redeliver_lost(
+    redis: Redis, redeliver: Redeliver, lost_after: float, now: float | None = None
+) -> int:
+    """Queue again the deliveries whose job rq lost, as `requeue_lost` does conversions;
+    return how many. `redeliver(queue, kwargs, waits, pipe)` queues one in `pipe` (a
+    transaction) and returns its job id."""
+    now = _server_time(redis) if now is None else now
+    cutoff = now - lost_after
+    members = cast(list[bytes], redis.zrangebyscore(DELIVERIES, "-inf", cutoff, start=0, num=BATCH))
+    if not members:
+        return 0
+    infos = cast(list[bytes | None], redis.hmget(DELIVERY_JOBS, members))
+    suspects = cast(list[bytes | None], redis.hmget(DELIVERY_SUSPECTS, members))
+    requeued = 0
+    for raw, info, suspect in zip(members, infos, suspects, strict=True):
+        job_id = as_text(raw)
+        try:
+            queue, kwargs, waits = json.loads(info) if info is not None else ("", {}, [])
+        except (ValueError, TypeError):
+            queue = ""
+        alive, state = _state(redis, queue, job_id, cutoff) if queue else (False, None)
+        if alive:
+            redis.zadd(DELIVERIES, {job_id: now}, xx=True)
+            redis.hdel(DELIVERY_SUSPECTS, job_id)
+        elif not queue or state in _DONE:
+            delivery_landed(redis, job_id)
+        elif _confirmed(redis, (DELIVERIES, DELIVERY_SUSPECTS), raw, job_id, suspect, now):
+            with redis.pipeline(transaction=True) as pipe:
+                pipe.multi()
+                redeliver(queue, kwargs, waits, pipe)
+                delivery_landed(pipe, job_id)
+                pipe.execute()
+            log.warning("queued webhook delivery %s again: its job was lost", job_id)
+            requeued += 1
+    return requeued
+
+
+def _confirmed(
+    redis: Redis,
+    keys: tuple[str, str],
+    member: bytes | str,
+    job_id: str,
+    raw: bytes | None,
+    now: float,
+) -> bool:
+    """Two strikes for `member` of the flights `keys` = (sorted set, suspects hash), whose
+    job `job_id` was just found dead: the first sweep to find it records when (while it is
+    still in flight); one CONFIRM_AFTER later or more, the sweep whose HDEL removes that
+    record is the one that queues it again (overlapping janitors queue it once)."""
+    flights, suspects = keys
+    since = _suspect_since(raw, job_id)
+    if since is None:
+        # Only while still in flight: a run that ended meanwhile leaves no suspicion.
+        redis.eval(_SUSPECT, 2, flights, suspects, member, json.dumps([job_id, now]))
+        return False
+    return now - since >= CONFIRM_AFTER and redis.hdel(suspects, member) == 1

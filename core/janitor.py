@@ -12,8 +12,9 @@ down at the moment of the cleanup. One sweep:
    deleted or replaced, and incarnations whose upload never committed (its process died
    after storing the original: core/leases.py), each exactly its own prefix, never an
    id's whole prefix;
-4. with the worker's queues (`requeue`), queues again the conversions whose rq job was lost
-   (core/inflight.py) — a Redis failover or a worker killed at the wrong moment.
+4. with the worker's queues (`requeue`), queues again the conversions and webhook deliveries
+   whose rq job was lost (core/inflight.py) — a Redis failover or a worker killed at the
+   wrong moment.
 
 Workers run a sweep every PICSTREAM_JANITOR_INTERVAL seconds, one at a time cluster-wide;
 `picstream-admin janitor` runs one now.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from core.errors import NotFound, PicstreamError
-from core.inflight import Requeue, requeue_lost
+from core.inflight import Requeue, redeliver_lost, requeue_lost
 from core.leases import MULTIPART_KEY, expired_multipart
 from core.records import Records
 from core.storage import Store
@@ -44,11 +45,13 @@ class Sweep:
     stale: int  # unregistered uploads older than a day aborted
     purged: int  # purges done
     requeued: int = 0  # lost conversions queued again
+    redelivered: int = 0  # lost webhook deliveries queued again
 
     def __str__(self) -> str:
         return (
             f"{self.abandoned} abandoned and {self.stale} stale uploads aborted,"
-            f" {self.purged} purges done, {self.requeued} lost conversions queued again"
+            f" {self.purged} purges done, {self.requeued} lost conversions and"
+            f" {self.redelivered} lost webhook deliveries queued again"
         )
 
 
@@ -62,7 +65,14 @@ def run_once(
         abort_stale_uploads(store),
         sweep_purges(store, records, now),
         requeue_lost(records, requeue, now) if requeue is not None else 0,
+        _redeliver_lost(records, requeue, now),
     )
+
+
+def _redeliver_lost(records: Records, requeue: Requeue | None, now: float | None) -> int:
+    if requeue is None or requeue.redeliver is None:
+        return 0
+    return redeliver_lost(records.redis, requeue.redeliver, requeue.lost_after, now)
 
 
 def abort_abandoned_uploads(store: Store, records: Records, now: float | None = None) -> int:

@@ -27,10 +27,11 @@ from rq import Callback, Queue, Retry
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from core.inflight import Flight, Requeue, took_off
+from core.inflight import Flight, Requeue, delivery_took_off, took_off
 from core.logs import JOB_META_KEY, current_request_id
 from core.models import ImageRecord
 from core.settings import Settings
+from core.webhooks import DELIVER, event_of, payload
 
 CONVERT = "worker.jobs.convert"
 CONVERT_FAILED = "worker.jobs.conversion_failed"
@@ -83,6 +84,32 @@ def enqueue_convert(
     return job
 
 
+def enqueue_delivery(
+    queue: Queue, url: str, record: ImageRecord, pipeline: Pipeline, intervals: Sequence[int]
+) -> None:
+    """Queue one webhook delivery of the record's final state on `queue` (the webhook queue)
+    inside the caller's transaction, retried after each of `intervals` seconds until the
+    receiver answers 2xx (core/webhooks.py)."""
+    kwargs = {"url": url, "body": payload(record), "image_id": record.id, "event": event_of(record)}
+    redeliver(queue, kwargs, intervals, pipeline)
+
+
+def redeliver(
+    queue: Queue, kwargs: dict[str, Any], intervals: Sequence[int], pipeline: Pipeline
+) -> str:
+    """Queue the delivery job `kwargs` inside the caller's transaction; its id. It is in
+    flight from then on: the janitor queues it again should rq lose it (core/inflight.py)."""
+    job = queue.enqueue_call(
+        DELIVER,
+        kwargs=kwargs,
+        retry=Retry(max=len(intervals), interval=list(intervals)),
+        description=f"webhook {kwargs.get('image_id', '')} {kwargs.get('event', '')}",
+        pipeline=pipeline,
+    )
+    delivery_took_off(pipeline, queue.name, job.id, kwargs, intervals)
+    return str(job.id)
+
+
 def requeue_for(redis: Redis, settings: Settings, janitor_interval: float = 0.0) -> Requeue:
     """How this process's janitor queues lost conversions again (core/inflight.py): on the
     queue they were on when it is one of ours (fresh uploads or bulk), else on the first;
@@ -94,4 +121,10 @@ def requeue_for(redis: Redis, settings: Settings, janitor_interval: float = 0.0)
         queue = queues.get(name, queues[settings.queue])
         enqueue_convert(queue, record, vset, pipe, intervals=settings.retry_intervals)
 
-    return Requeue(enqueue, Requeue.lost_after_for(janitor_interval), settings.queue)
+    hooks = make_queue(redis, settings.webhook_queue, settings.job_timeout)
+
+    def deliver(name: str, kwargs: dict[str, Any], waits: Sequence[int], pipe: Pipeline) -> str:
+        return redeliver(hooks, kwargs, waits, pipe)  # on our webhook queue, whatever `name`
+
+    lost_after = Requeue.lost_after_for(janitor_interval)
+    return Requeue(enqueue, lost_after, settings.queue, deliver)

@@ -207,7 +207,7 @@ JANITOR_ACTIONS = Counter(
     "picstream_janitor_actions",
     "What the janitor's sweeps did: aborted_abandoned_upload (its process died),"
     " aborted_stale_upload (unregistered, over a day old), purged_prefix,"
-    " requeued_lost_conversion (rq lost its job: core/inflight.py).",
+    " requeued_lost_conversion, requeued_lost_delivery (rq lost the job: core/inflight.py).",
     ["action"],
 )
 
@@ -230,11 +230,14 @@ def upload_accepted(size: int) -> None:
     UPLOAD_BYTES.inc(size)
 
 
-def janitor_swept(abandoned: int, stale: int, purged: int, requeued: int = 0) -> None:
+def janitor_swept(
+    abandoned: int, stale: int, purged: int, requeued: int = 0, redelivered: int = 0
+) -> None:
     JANITOR_ACTIONS.labels("aborted_abandoned_upload").inc(abandoned)
     JANITOR_ACTIONS.labels("aborted_stale_upload").inc(stale)
     JANITOR_ACTIONS.labels("purged_prefix").inc(purged)
     JANITOR_ACTIONS.labels("requeued_lost_conversion").inc(requeued)
+    JANITOR_ACTIONS.labels("requeued_lost_delivery").inc(redelivered)
 
 
 # ---------------------------------------------------------------------- export

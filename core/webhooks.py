@@ -22,9 +22,6 @@ from ipaddress import IPv6Address
 from typing import Literal, get_args
 from urllib.parse import SplitResult, urlsplit
 
-from redis.client import Pipeline
-from rq import Queue, Retry
-
 from core.errors import InvalidWebhookUrl, WebhookHostNotAllowed
 from core.models import ImageRecord
 
@@ -114,19 +111,3 @@ def event_in(body: str) -> Event:
 def signature(secret: bytes, timestamp: int, body: str) -> str:
     mac = hmac.new(secret, f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={mac}"
-
-
-def enqueue_delivery(
-    queue: Queue, url: str, record: ImageRecord, pipeline: Pipeline, intervals: tuple[int, ...]
-) -> None:
-    """Queue one delivery of the record's final state on `queue` (the webhook queue) inside
-    the caller's transaction, retried after each of `intervals` seconds until the receiver
-    answers 2xx."""
-    kwargs = {"url": url, "body": payload(record), "image_id": record.id, "event": event_of(record)}
-    queue.enqueue_call(
-        DELIVER,
-        kwargs=kwargs,
-        retry=Retry(max=len(intervals), interval=list(intervals)),
-        description=f"webhook {record.owner}/{record.id} {record.status}",
-        pipeline=pipeline,
-    )

@@ -199,7 +199,9 @@ class JanitorSchedule:
                 return
             started = time.monotonic()
             swept = janitor.run_once(self.store, self.records, requeue=self.requeue)
-            metrics.janitor_swept(swept.abandoned, swept.stale, swept.purged, swept.requeued)
+            metrics.janitor_swept(
+                swept.abandoned, swept.stale, swept.purged, swept.requeued, swept.redelivered
+            )
             log.info("janitor: %s (%.1f s)", swept, time.monotonic() - started)
         except StopRequested:
             raise  # rq's signal handler, asking for a warm shutdown mid-sweep

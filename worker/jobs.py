@@ -66,14 +66,13 @@ from rq.timeouts import JobTimeoutException
 from core import events, metrics
 from core.errors import NotFound, PicstreamError, ProfileNotFound
 from core.inflight import Flight, landed
-from core.jobs import make_queue
+from core.jobs import enqueue_delivery, make_queue
 from core.migrate import migrate_image
 from core.mirror import mirror_record
 from core.models import META_BLAKE3, ImageRecord, ObjectKeys, PendingSet, Variant, planned
 from core.profiles import Profile, ProfileError, Profiles, load_profiles
 from core.records import Purge
 from core.settings import ConversionSettings
-from core.webhooks import enqueue_delivery
 from worker.convert import Conversion, ConversionError, DecodeLimits, Failed, Rendered, open_image
 from worker.services import JobServices
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
 import urllib3
+from rq import get_current_job
 
 from core.errors import PicstreamError
+from core.inflight import delivery_landed
 from core.logs import current_request_id
 from core.metrics import WEBHOOK_DELIVERIES
 from core.webhooks import Event, check_url, event_in, signature
@@ -57,5 +60,18 @@ def deliver(url: str, body: str, image_id: str, event: Event | None = None) -> N
         WEBHOOK_DELIVERIES.labels("refused").inc()
         raise DeliveryFailed(f"webhook for {image_id} answered {response.status}")
     WEBHOOK_DELIVERIES.labels("delivered").inc()
+    _landed()
     # SECURITY: never the URL: a receiver may take a secret in its query string.
     log.info("webhook for %s delivered (%s)", image_id, event)
+
+
+def _landed() -> None:
+    """The delivery is no longer in flight (core/inflight.py). Best effort: should this
+    write fail, the janitor finds the job finished (or gone) and lets it land itself."""
+    job = get_current_job()
+    if job is None:
+        return
+    try:
+        delivery_landed(job.connection, job.id)
+    except redis.RedisError as exc:
+        log.info("delivery %s stays listed in flight for now: %s", job.id, type(exc).__name__)

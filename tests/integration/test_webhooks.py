@@ -14,11 +14,15 @@ import pytest
 from PIL import Image
 from redis import Redis
 from rq import SimpleWorker
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from core.jobs import make_queue
+from core import janitor
+from core.inflight import CONFIRM_AFTER, deliveries_in_flight
+from core.jobs import make_queue, requeue_for
+from core.records import Records
 from core.settings import Settings
+from core.storage import Store
 from core.webhooks import DELIVER
 from tests import servers
 from tests.http import Api
@@ -158,3 +162,89 @@ def test_a_delivery_queued_by_the_previous_version_is_still_sent(
     ((headers, sent),) = receiver.received
     assert sent == body.encode() and verify(headers, sent)
     assert headers["x-picstream-event"] == "image.failed"
+
+
+LATER, CONFIRMED = 100.0, 100.0 + CONFIRM_AFTER  # sweeps as if this much later
+
+
+def converted_with_hook(
+    hooked: Api, receiver: Receiver, redis_client: Redis, settings: Settings
+) -> str:
+    """An upload with a callback, converted: its delivery waits on the webhook queue."""
+    url = f"http://127.0.0.1:{receiver.port}/hooks/picstream"
+    created = hooked.upload(photo(), query=f"?callback={quote(url, safe='')}")
+    assert created.status == 201, created.body
+    conversions = make_queue(redis_client, settings.queue, 60)
+    SimpleWorker([conversions], connection=redis_client, serializer=JSONSerializer).work(
+        burst=True, logging_level="WARNING"
+    )
+    assert len(deliveries_in_flight(redis_client)) == 1
+    return str(created.json["id"])
+
+
+def lose_the_delivery(redis_client: Redis, settings: Settings) -> Job:
+    """A worker that took the delivery (BLPOP) and died before registering it."""
+    queue = make_queue(redis_client, settings.webhook_queue, 60)
+    job_id = redis_client.lpop(queue.key)
+    assert job_id is not None
+    return Job.fetch(job_id.decode(), connection=redis_client, serializer=JSONSerializer)
+
+
+def sweep(store: Store, redis_client: Redis, settings: Settings, later: float) -> int:
+    requeue = requeue_for(redis_client, settings)
+    done = janitor.run_once(store, Records(redis_client), time.time() + later, requeue)
+    return done.redelivered
+
+
+def test_a_delivery_lost_by_a_dying_worker_is_sent_again(
+    hooked: Api,
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+    store: Store,
+) -> None:
+    image_id = converted_with_hook(hooked, receiver, redis_client, settings)
+    lose_the_delivery(redis_client, settings)
+    run_jobs()
+    assert receiver.received == []  # lost: nothing would ever send it
+
+    assert sweep(store, redis_client, settings, LATER) == 0  # dead once: suspected
+    assert sweep(store, redis_client, settings, CONFIRMED) == 1
+    run_jobs()
+    assert len(receiver.received) == 1
+    headers, body = receiver.received[0]
+    assert verify(headers, body)
+    assert json.loads(body)["record"]["id"] == image_id
+    assert deliveries_in_flight(redis_client) == []  # delivered: nothing left to watch
+
+
+def test_a_delivery_rq_gave_up_on_is_not_sent_again(
+    hooked: Api,
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+    store: Store,
+) -> None:
+    """rq's retries were spent (the receiver refused each): the janitor lets it go."""
+    converted_with_hook(hooked, receiver, redis_client, settings)
+    lose_the_delivery(redis_client, settings).set_status(JobStatus.FAILED)
+    assert sweep(store, redis_client, settings, LATER) == 0
+    assert deliveries_in_flight(redis_client) == []
+    assert sweep(store, redis_client, settings, CONFIRMED) == 0
+    run_jobs()
+    assert receiver.received == []
+
+
+def test_a_delivered_webhook_leaves_nothing_in_flight(
+    hooked: Api,
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    converted_with_hook(hooked, receiver, redis_client, settings)
+    run_jobs()
+    assert len(receiver.received) == 1
+    assert deliveries_in_flight(redis_client) == []
