@@ -34,7 +34,7 @@ from redis import Redis
 from redis.client import Pipeline
 from rq import Queue
 from rq.job import Job, JobStatus
-from rq.registry import ScheduledJobRegistry
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.utils import as_text
 
 from core.errors import NotFound, PicstreamError
@@ -52,8 +52,8 @@ BATCH = 500  # flights looked at per sweep: a sweep stays short behind any backl
 # its schedule), and a sweep may read it in between once.
 CONFIRM_AFTER = 30.0
 LPOS_LIMIT = 100_000
-# A started job is alive while rq's heartbeats for it are this recent; rq itself hands on a
-# dead worker's job about a minute after its last heartbeat, and is left to do so.
+# A job is alive while rq's heartbeats for it are this recent, or while rq's started registry
+# lists it (rq hands on a dead worker's job itself, about a minute after its last beat).
 LOST_FLOOR = 90.0
 
 
@@ -212,6 +212,10 @@ def _state(
         # holds (a promoted replica may have missed the job's registration, not the beats).
         return True, state
     queue = Queue(queue_name, connection=redis)
+    if _started(redis, queue, job_id):
+        # rq lists it as started: should its worker be dead, rq's own registry cleaning
+        # hands it on (a retry, or the failure callback) — never both it and the janitor.
+        return True, state
     if state == JobStatus.SCHEDULED:
         registry = ScheduledJobRegistry(queue=queue)  # type: ignore[no-untyped-call]
         return redis.zscore(registry.key, job_id) is not None, state
@@ -221,9 +225,16 @@ def _state(
         )
         return listed, state
     # Finished or failed while the record still wants the set (the record update, or the
-    # failure callback, was lost), started with no heartbeat for lost_after (rq hands such
-    # a job on itself about a minute after its last one), or gone.
+    # failure callback, was lost), started with no heartbeat for lost_after and listed in
+    # no started registry (its registration was lost), or gone.
     return False, state
+
+
+def _started(redis: Redis, queue: Queue, job_id: str) -> bool:
+    """Whether rq's started registry of `queue` lists the job (as `{job id}:{execution}`;
+    the registry holds one entry per job being worked on: a few per worker)."""
+    registry = StartedJobRegistry(queue=queue)
+    return any(True for _ in redis.zscan_iter(registry.key, match=f"{job_id}:*", count=100))
 
 
 def _listed(redis: Redis, key: str, job_id: str) -> bool:
@@ -321,11 +332,18 @@ def delivery_took_off(
     pipe.hset(DELIVERY_JOBS, job_id, json.dumps([queue, kwargs, list(intervals)]))
 
 
-def delivery_landed(redis: Redis | Pipeline, job_id: str) -> None:
-    """The delivery is done (delivered, or rq is done with it)."""
-    redis.zrem(DELIVERIES, job_id)
-    redis.hdel(DELIVERY_JOBS, job_id)
-    redis.hdel(DELIVERY_SUSPECTS, job_id)
+def delivery_landed(redis: Redis, job_id: str) -> None:
+    """The delivery is done (delivered, or rq is done with it): in one transaction, so its
+    payload never outlives the entry the janitor sweeps by."""
+    with redis.pipeline(transaction=True) as pipe:
+        _land_delivery(pipe, job_id)
+        pipe.execute()
+
+
+def _land_delivery(pipe: Pipeline, job_id: str) -> None:
+    pipe.zrem(DELIVERIES, job_id)
+    pipe.hdel(DELIVERY_JOBS, job_id)
+    pipe.hdel(DELIVERY_SUSPECTS, job_id)
 
 
 def deliveries_in_flight(redis: Redis) -> list[str]:
@@ -363,7 +381,7 @@ def redeliver_lost(
             with redis.pipeline(transaction=True) as pipe:
                 pipe.multi()
                 redeliver(queue, kwargs, waits, pipe)
-                delivery_landed(pipe, job_id)
+                _land_delivery(pipe, job_id)
                 pipe.execute()
             log.warning("queued webhook delivery %s again: its job was lost", job_id)
             requeued += 1

@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
@@ -15,6 +16,7 @@ from PIL import Image
 from redis import Redis
 from rq import SimpleWorker
 from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from core import janitor
@@ -248,3 +250,30 @@ def test_a_delivered_webhook_leaves_nothing_in_flight(
     run_jobs()
     assert len(receiver.received) == 1
     assert deliveries_in_flight(redis_client) == []
+
+
+def test_a_delivery_whose_worker_died_is_handed_on_by_rq_alone(
+    hooked: Api,
+    receiver: Receiver,
+    run_jobs: Callable[[], None],
+    redis_client: Redis,
+    settings: Settings,
+    store: Store,
+) -> None:
+    """Its worker started it and was killed: rq's started registry still lists it, so rq's
+    registry cleaning retries it — the janitor must not send it a second time."""
+    converted_with_hook(hooked, receiver, redis_client, settings)
+    job = lose_the_delivery(redis_client, settings)
+    job.set_status(JobStatus.STARTED)
+    job.heartbeat(datetime.fromtimestamp(time.time() - 200, UTC), 60)  # beats long stopped
+    queue = make_queue(redis_client, settings.webhook_queue, 60)
+    started = StartedJobRegistry(queue=queue)
+    redis_client.zadd(started.key, {f"{job.id}:killed": time.time() - 100})  # its lease is up
+
+    assert sweep(store, redis_client, settings, LATER) == 0
+    assert sweep(store, redis_client, settings, CONFIRMED) == 0
+    started.cleanup()  # rq: abandoned, to be retried after its first wait
+    retries = ScheduledJobRegistry(queue=queue)
+    redis_client.zadd(retries.key, {job.id: time.time() - 1})  # that wait is over
+    run_jobs()
+    assert len(receiver.received) == 1
