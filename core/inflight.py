@@ -93,6 +93,36 @@ _SUSPECT = (
 )
 
 
+# A kind of flight's keys: (sorted set: member -> when last seen alive, hash: member -> its
+# job, hash: member -> first found dead).
+Keys = tuple[str, str, str]
+_CONVERSIONS: Keys = (INFLIGHT, INFLIGHT_JOBS, SUSPECTS)
+
+
+def _forget(pipe: Pipeline, keys: Keys, member: bytes | str) -> None:
+    """Queue the removal of `member` from all of `keys` in `pipe`."""
+    pipe.zrem(keys[0], member)
+    pipe.hdel(keys[1], member)
+    pipe.hdel(keys[2], member)
+
+
+def _forget_now(redis: Redis, keys: Keys, member: bytes | str) -> None:
+    """Remove `member` from all of `keys` in one transaction: its job never outlives the
+    entry the janitor sweeps by."""
+    with redis.pipeline(transaction=True) as pipe:
+        _forget(pipe, keys, member)
+        pipe.execute()
+
+
+def _seen(redis: Redis, keys: Keys, members: list[bytes], now: float) -> None:
+    """Mark `members` seen alive now (unless their run ended meanwhile: XX)."""
+    if members:
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys[0], dict.fromkeys(members, now), xx=True)
+            pipe.hdel(keys[2], *members)
+            pipe.execute()
+
+
 def took_off(pipe: Pipeline, flight: Flight, queue: str, job_id: str) -> None:
     """In the transaction that queues the flight's job."""
     pipe.eval(_ZADD_NOW, 1, INFLIGHT, flight.member)
@@ -102,9 +132,7 @@ def took_off(pipe: Pipeline, flight: Flight, queue: str, job_id: str) -> None:
 
 def landed(pipe: Pipeline, flight: Flight) -> None:
     """In the transaction that ends the flight's run (ready, failed, or handed over)."""
-    pipe.zrem(INFLIGHT, flight.member)
-    pipe.hdel(INFLIGHT_JOBS, flight.member)
-    pipe.hdel(SUSPECTS, flight.member)
+    _forget(pipe, _CONVERSIONS, flight.member)
 
 
 # Queues a delivery job (queue name, its kwargs, retry waits) in a transaction: its id.
@@ -155,22 +183,19 @@ def requeue_lost(records: Records, requeue: Requeue, now: float | None = None) -
     for member, job, suspect in zip(members, jobs, suspects, strict=True):
         flight = Flight.parse(member)
         if flight is None:
-            _drop(redis, member)
+            _forget_now(redis, _CONVERSIONS, member)
             continue
         queue, job_id = _job_of(job, requeue.default_queue)
         if _alive(redis, queue, job_id, cutoff):
             seen.append(member)
             continue
         if not _wanted(records, flight):
-            _drop(redis, member)  # deleted, re-uploaded or reconverted: nothing to make
+            # Deleted, re-uploaded or reconverted: nothing to make.
+            _forget_now(redis, _CONVERSIONS, member)
             continue
-        if _confirmed(redis, (INFLIGHT, SUSPECTS), member, job_id, suspect, now):
+        if _confirmed(redis, _CONVERSIONS, member, job_id, suspect, now):
             requeued += _requeue_one(records, requeue, flight, queue)
-    if seen:
-        with redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(INFLIGHT, dict.fromkeys(seen, now), xx=True)
-            pipe.hdel(SUSPECTS, *seen)
-            pipe.execute()
+    _seen(redis, _CONVERSIONS, seen, now)
     return requeued
 
 
@@ -283,7 +308,7 @@ def _requeue_one(records: Records, requeue: Requeue, flight: Flight, queue: str)
         log.warning("could not queue the lost conversion %s again: %s", flight.member, exc)
         return 0
     if done is None:  # deleted, re-uploaded, finished: nothing to make
-        _drop(records.redis, flight.member)
+        _forget_now(records.redis, _CONVERSIONS, flight.member)
         return 0
     log.warning(
         "queued the conversion of %s/%s %s/%s again: its job was lost",
@@ -293,14 +318,6 @@ def _requeue_one(records: Records, requeue: Requeue, flight: Flight, queue: str)
         flight.vset,
     )
     return 1
-
-
-def _drop(redis: Redis, member: bytes | str) -> None:
-    with redis.pipeline(transaction=True) as pipe:
-        pipe.zrem(INFLIGHT, member)
-        pipe.hdel(INFLIGHT_JOBS, member)
-        pipe.hdel(SUSPECTS, member)
-        pipe.execute()
 
 
 def _server_time(redis: Redis) -> float:
@@ -321,6 +338,7 @@ def _server_time(redis: Redis) -> float:
 DELIVERIES = f"{NS}:inflight:deliveries"  # sorted set: job id -> when last seen alive
 DELIVERY_JOBS = f"{NS}:inflight:deliveries:jobs"  # hash: job id -> JSON [queue, kwargs, waits]
 DELIVERY_SUSPECTS = f"{NS}:inflight:deliveries:suspects"  # hash: job id -> first found dead
+_DELIVERIES: Keys = (DELIVERIES, DELIVERY_JOBS, DELIVERY_SUSPECTS)
 _DONE = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED, None}
 
 
@@ -333,17 +351,8 @@ def delivery_took_off(
 
 
 def delivery_landed(redis: Redis, job_id: str) -> None:
-    """The delivery is done (delivered, or rq is done with it): in one transaction, so its
-    payload never outlives the entry the janitor sweeps by."""
-    with redis.pipeline(transaction=True) as pipe:
-        _land_delivery(pipe, job_id)
-        pipe.execute()
-
-
-def _land_delivery(pipe: Pipeline, job_id: str) -> None:
-    pipe.zrem(DELIVERIES, job_id)
-    pipe.hdel(DELIVERY_JOBS, job_id)
-    pipe.hdel(DELIVERY_SUSPECTS, job_id)
+    """The delivery is done (delivered, or rq is done with it)."""
+    _forget_now(redis, _DELIVERIES, job_id)
 
 
 def deliveries_in_flight(redis: Redis) -> list[str]:
@@ -364,6 +373,7 @@ def redeliver_lost(
         return 0
     infos = cast(list[bytes | None], redis.hmget(DELIVERY_JOBS, members))
     suspects = cast(list[bytes | None], redis.hmget(DELIVERY_SUSPECTS, members))
+    seen: list[bytes] = []
     requeued = 0
     for raw, info, suspect in zip(members, infos, suspects, strict=True):
         job_id = as_text(raw)
@@ -373,34 +383,34 @@ def redeliver_lost(
             queue = ""
         alive, state = _state(redis, queue, job_id, cutoff) if queue else (False, None)
         if alive:
-            redis.zadd(DELIVERIES, {job_id: now}, xx=True)
-            redis.hdel(DELIVERY_SUSPECTS, job_id)
+            seen.append(raw)
         elif not queue or state in _DONE:
-            delivery_landed(redis, job_id)
-        elif _confirmed(redis, (DELIVERIES, DELIVERY_SUSPECTS), raw, job_id, suspect, now):
+            _forget_now(redis, _DELIVERIES, raw)
+        elif _confirmed(redis, _DELIVERIES, raw, job_id, suspect, now):
             with redis.pipeline(transaction=True) as pipe:
                 pipe.multi()
                 redeliver(queue, kwargs, waits, pipe)
-                _land_delivery(pipe, job_id)
+                _forget(pipe, _DELIVERIES, raw)
                 pipe.execute()
             log.warning("queued webhook delivery %s again: its job was lost", job_id)
             requeued += 1
+    _seen(redis, _DELIVERIES, seen, now)
     return requeued
 
 
 def _confirmed(
     redis: Redis,
-    keys: tuple[str, str],
+    keys: Keys,
     member: bytes | str,
     job_id: str,
     raw: bytes | None,
     now: float,
 ) -> bool:
-    """Two strikes for `member` of the flights `keys` = (sorted set, suspects hash), whose
+    """Two strikes for `member` of the flights `keys`, whose
     job `job_id` was just found dead: the first sweep to find it records when (while it is
     still in flight); one CONFIRM_AFTER later or more, the sweep whose HDEL removes that
     record is the one that queues it again (overlapping janitors queue it once)."""
-    flights, suspects = keys
+    flights, _, suspects = keys
     since = _suspect_since(raw, job_id)
     if since is None:
         # Only while still in flight: a run that ended meanwhile leaves no suspicion.

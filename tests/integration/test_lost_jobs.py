@@ -23,7 +23,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from core import inflight, janitor
+from core import inflight
 from core.events import events_key
 from core.inflight import CONFIRM_AFTER, INFLIGHT, LOST_FLOOR, in_flight
 from core.jobs import requeue_for
@@ -33,6 +33,7 @@ from core.settings import Settings
 from core.storage import Store
 from tests import pixels
 from tests.integration.conftest import ALICE_KEY
+from tests.lost import sweep_later, take_the_job
 from worker.jobs import ImageJob, current_profiles
 from worker.services import JobServices
 
@@ -62,26 +63,13 @@ def assert_converted(client: falcon.testing.TestClient, redis_client: Redis, ima
 
 
 def sweep(store: Store, redis_client: Redis, settings: Settings, later: float) -> int:
-    """One janitor sweep, as `picstream-admin janitor` runs it, `later` seconds from now;
-    how many conversions it queued again."""
-    requeue = requeue_for(redis_client, settings)
-    done = janitor.run_once(store, Records(redis_client), time.time() + later, requeue)
-    return done.requeued
+    """How many conversions a janitor sweep `later` seconds from now queued again."""
+    return sweep_later(store, redis_client, settings, later).requeued
 
 
 def queued(redis_client: Redis, settings: Settings) -> list[Job]:
     queue = Queue(settings.queue, connection=redis_client, serializer=JSONSerializer)
     return queue.get_jobs()
-
-
-def take_the_job(redis_client: Redis, settings: Settings) -> Job:
-    """What an rq worker listening on several queues does first: BLPOP the job id (it
-    registers the job as started in a later write). A worker killed right after, or a
-    failover to a replica that has this write and not the next, leaves the job nowhere."""
-    queue = Queue(settings.queue, connection=redis_client, serializer=JSONSerializer)
-    job_id = redis_client.lpop(queue.key)
-    assert job_id is not None
-    return Job.fetch(job_id.decode(), connection=redis_client, serializer=JSONSerializer)
 
 
 def test_a_job_lost_by_a_dying_worker_is_queued_again_and_the_image_ends_ready(
@@ -92,7 +80,7 @@ def test_a_job_lost_by_a_dying_worker_is_queued_again_and_the_image_ends_ready(
     settings: Settings,
 ) -> None:
     image_id = upload(client)
-    take_the_job(redis_client, settings)
+    take_the_job(redis_client, settings.queue)
     run_jobs()
     assert image(client, image_id)["status"] == "processing"  # stuck, as it was before
 
@@ -110,7 +98,7 @@ def test_a_job_caught_between_two_of_rqs_writes_once_is_not_queued_again(
     """A sweep that reads a live job between rq's BLPOP and its registration finds it
     nowhere, once: by the next sweep it is started, with heartbeats."""
     upload(client)
-    job = take_the_job(redis_client, settings)
+    job = take_the_job(redis_client, settings.queue)
     assert sweep(store, redis_client, settings, LATER) == 0
     job.set_status(JobStatus.STARTED)
     job.heartbeat(datetime.fromtimestamp(time.time() + CONFIRMED - 5, UTC), 60)
@@ -142,7 +130,7 @@ def test_a_job_with_recent_heartbeats_is_alive_whatever_its_status(
     `queued` on the promoted replica): its worker's heartbeats still reach the new master.
     Once they stop for LOST_AFTER, the job is lost."""
     upload(client)
-    job = take_the_job(redis_client, settings)
+    job = take_the_job(redis_client, settings.queue)
     job.set_status(status)
     for later in (LATER, CONFIRMED):
         job.heartbeat(datetime.fromtimestamp(time.time() + later - 5, UTC), 60)
@@ -189,7 +177,7 @@ def test_a_lost_job_of_a_deleted_image_is_not_queued_again(
     client: falcon.testing.TestClient, store: Store, redis_client: Redis, settings: Settings
 ) -> None:
     image_id = upload(client)
-    take_the_job(redis_client, settings)
+    take_the_job(redis_client, settings.queue)
     resp = client.simulate_delete(f"/v1/images/{image_id}", headers=AS_ALICE)
     assert resp.status_code == 204
     assert sweep(store, redis_client, settings, LATER) == 0
@@ -208,7 +196,7 @@ def test_overlapping_janitors_queue_a_lost_job_again_once(
     """A sweep that outlives its lock, or `picstream-admin janitor` beside the workers':
     both find the job lost, one queues it again."""
     upload(client)
-    take_the_job(redis_client, settings)
+    take_the_job(redis_client, settings.queue)
     records = Records(redis_client)
     requeue = requeue_for(redis_client, settings)
     now = time.time()

@@ -19,16 +19,15 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from core import janitor
 from core.inflight import CONFIRM_AFTER, deliveries_in_flight
-from core.jobs import make_queue, requeue_for
-from core.records import Records
+from core.jobs import make_queue
 from core.settings import Settings
 from core.storage import Store
 from core.webhooks import DELIVER
 from tests import servers
 from tests.http import Api
 from tests.integration.conftest import ConfigureJobs
+from tests.lost import sweep_later, take_the_job
 from tests.webhooks import SECRET, Receiver
 
 
@@ -184,18 +183,9 @@ def converted_with_hook(
     return str(created.json["id"])
 
 
-def lose_the_delivery(redis_client: Redis, settings: Settings) -> Job:
-    """A worker that took the delivery (BLPOP) and died before registering it."""
-    queue = make_queue(redis_client, settings.webhook_queue, 60)
-    job_id = redis_client.lpop(queue.key)
-    assert job_id is not None
-    return Job.fetch(job_id.decode(), connection=redis_client, serializer=JSONSerializer)
-
-
 def sweep(store: Store, redis_client: Redis, settings: Settings, later: float) -> int:
-    requeue = requeue_for(redis_client, settings)
-    done = janitor.run_once(store, Records(redis_client), time.time() + later, requeue)
-    return done.redelivered
+    """How many deliveries a janitor sweep `later` seconds from now queued again."""
+    return sweep_later(store, redis_client, settings, later).redelivered
 
 
 def test_a_delivery_lost_by_a_dying_worker_is_sent_again(
@@ -207,7 +197,7 @@ def test_a_delivery_lost_by_a_dying_worker_is_sent_again(
     store: Store,
 ) -> None:
     image_id = converted_with_hook(hooked, receiver, redis_client, settings)
-    lose_the_delivery(redis_client, settings)
+    take_the_job(redis_client, settings.webhook_queue)
     run_jobs()
     assert receiver.received == []  # lost: nothing would ever send it
 
@@ -231,7 +221,7 @@ def test_a_delivery_rq_gave_up_on_is_not_sent_again(
 ) -> None:
     """rq's retries were spent (the receiver refused each): the janitor lets it go."""
     converted_with_hook(hooked, receiver, redis_client, settings)
-    lose_the_delivery(redis_client, settings).set_status(JobStatus.FAILED)
+    take_the_job(redis_client, settings.webhook_queue).set_status(JobStatus.FAILED)
     assert sweep(store, redis_client, settings, LATER) == 0
     assert deliveries_in_flight(redis_client) == []
     assert sweep(store, redis_client, settings, CONFIRMED) == 0
@@ -263,7 +253,7 @@ def test_a_delivery_whose_worker_died_is_handed_on_by_rq_alone(
     """Its worker started it and was killed: rq's started registry still lists it, so rq's
     registry cleaning retries it — the janitor must not send it a second time."""
     converted_with_hook(hooked, receiver, redis_client, settings)
-    job = lose_the_delivery(redis_client, settings)
+    job = take_the_job(redis_client, settings.webhook_queue)
     job.set_status(JobStatus.STARTED)
     job.heartbeat(datetime.fromtimestamp(time.time() - 200, UTC), 60)  # beats long stopped
     queue = make_queue(redis_client, settings.webhook_queue, 60)
