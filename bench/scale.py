@@ -46,6 +46,7 @@ from rq.suspension import resume, suspend
 
 from bench.convert import camera_like
 from bench.small import drive, jpeg_of_about
+from bench.stack import stack_env
 from core.settings import Settings
 from core.storage import Store
 from deploy.seaweed import free_port
@@ -97,13 +98,7 @@ def base_stack() -> Iterator[Base]:
         s3 = servers.start_seaweedfs(work / "s3")
         try:
             env = {
-                "REDIS_URL": redis.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "bench",
-                "PICSTREAM_API_KEYS": f"bench:{KEY}",
-                "PICSTREAM_LOG_LEVEL": "warning",
+                **stack_env(redis, s3, "bench", KEY),
                 "PICSTREAM_MAX_UPLOADS": "40",  # above the clients: none answered 503 Busy
             }
             Store.from_settings(Settings.from_env({**env, "PORT": "1"})).ensure_bucket()

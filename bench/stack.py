@@ -56,6 +56,20 @@ class Stack:
         return [self.front.nginx.proc.pid, *servers.worker_pids(self.front.nginx)]
 
 
+def stack_env(redis: servers.Server, s3: servers.Server, owner: str, key: str) -> dict[str, str]:
+    """The settings every bench process shares: the Redis and SeaweedFS just started, the
+    `bench` bucket, one API key, quiet logs."""
+    return {
+        "REDIS_URL": redis.extra["url"],
+        "S3_ENDPOINT": s3.extra["endpoint"],
+        "S3_ACCESS_KEY": servers.S3_KEY,
+        "S3_SECRET_KEY": servers.S3_SECRET,
+        "S3_BUCKET": "bench",
+        "PICSTREAM_API_KEYS": f"{owner}:{key}",
+        "PICSTREAM_LOG_LEVEL": "warning",
+    }
+
+
 @contextmanager
 def running(
     owner: str, key: str, *, workers: int = 0, front: bool = False, **overrides: str
@@ -67,15 +81,9 @@ def running(
         try:
             redis, s3 = started
             env = {
+                **stack_env(redis, s3, owner, key),
                 "PORT": str(servers.free_port()),
-                "REDIS_URL": redis.extra["url"],
-                "S3_ENDPOINT": s3.extra["endpoint"],
-                "S3_ACCESS_KEY": servers.S3_KEY,
-                "S3_SECRET_KEY": servers.S3_SECRET,
-                "S3_BUCKET": "bench",
-                "PICSTREAM_API_KEYS": f"{owner}:{key}",
                 "PICSTREAM_WEB_WORKERS": "1",
-                "PICSTREAM_LOG_LEVEL": "warning",
                 **overrides,
             }
             settings = Settings.from_env(env)
